@@ -1,0 +1,7 @@
+"""``python -m bvip_helpers`` is the same as ``bvip``."""
+
+import sys
+
+from bvip_helpers.cli import main
+
+sys.exit(main())

@@ -1,0 +1,189 @@
+"""Files in and out: repo paths, atomic writes, JSONL with line numbers, safe image loading.
+
+Every stage writes through these helpers so that a crash never leaves a half-written
+file behind and every bad input is reported with its file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+
+def repo_root() -> Path:
+    """The repository root: the nearest parent holding ``pyproject.toml`` and ``notebooks/``.
+
+    Notebooks run in their own folder under nbmake/papermill, so they resolve every
+    path from here instead of the working directory. ``BVIP_ROOT`` overrides it.
+    """
+    if os.environ.get("BVIP_ROOT"):
+        return Path(os.environ["BVIP_ROOT"]).resolve()
+    for start in (Path.cwd(), Path(__file__).resolve().parent):
+        for candidate in (start, *start.parents):
+            if (candidate / "pyproject.toml").is_file() and (candidate / "notebooks").is_dir():
+                return candidate
+    return Path.cwd()
+
+
+def resolve(path: str | os.PathLike[str]) -> Path:
+    """A path relative to the repo root (absolute paths are kept)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else repo_root() / path
+
+
+def figures_dir() -> Path:
+    out = repo_root() / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save_fig(name: str, fig: Any = None, *, tight: bool = True, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as ``figures/<name>.png`` (atomically) and return the path."""
+    import matplotlib.pyplot as plt
+
+    fig = fig or plt.gcf()
+    if tight:
+        fig.tight_layout()
+    target = figures_dir() / f"{name}.png"
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return target
+
+
+class atomic_path:
+    """Context manager yielding a temporary path that replaces ``target`` on success.
+
+    >>> with atomic_path("out.csv") as tmp:
+    ...     frame.to_csv(tmp)
+    """
+
+    def __init__(self, target: str | os.PathLike[str]):
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent)
+        os.close(fd)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.target)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_jsonl(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> int:
+    """Write records atomically; returns the number written."""
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False, default=_json_default) + "\n")
+            n += 1
+    return n
+
+
+def append_jsonl(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> None:
+    """Append whole lines and fsync, so a killed run loses at most the batch in flight."""
+    payload = "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class JsonlError(ValueError):
+    """A malformed JSONL line; the message names the file and line number."""
+
+
+def iter_jsonl(path: str | os.PathLike[str], *, skip_bad_lines: bool = False,
+               bad_lines: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """Yield records; a malformed line raises :class:`JsonlError` unless ``skip_bad_lines``.
+
+    Skipped line numbers are appended to ``bad_lines`` so callers can report the count.
+    A truncated last line (a run killed mid-write) is treated like any malformed line.
+    """
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as err:
+                if not skip_bad_lines:
+                    raise JsonlError(
+                        f"{path}: line {number} is not a JSON object ({err}). "
+                        "Fix or delete that line, or pass --skip_bad_lines to count and skip it."
+                    ) from err
+                if bad_lines is not None:
+                    bad_lines.append(number)
+                continue
+            yield record
+
+
+def read_jsonl(path: str | os.PathLike[str], **kwargs: Any) -> list[dict[str, Any]]:
+    return list(iter_jsonl(path, **kwargs))
+
+
+class ImagePathError(ValueError):
+    """An image path that escapes the image root, or an image that is missing or unreadable."""
+
+
+def safe_image_path(image_root: str | os.PathLike[str], relative: str) -> Path:
+    """Join ``relative`` under ``image_root``, refusing paths that escape it (``../``, absolute)."""
+    root = Path(image_root).resolve()
+    candidate = (root / relative).resolve()
+    if candidate != root and root not in candidate.parents:
+        raise ImagePathError(
+            f"image path {relative!r} escapes the image root {root}; "
+            "image paths must be relative and stay inside --image_root"
+        )
+    return candidate
+
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open an image fully (so corruption shows here, not mid-batch) as RGB."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError as err:
+        raise ImagePathError(f"image not found: {path}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ImagePathError(f"image unreadable or corrupt: {path} ({err})") from err
+
+
+def check_image(path: str | os.PathLike[str]) -> str | None:
+    """``None`` when the image opens, else a one-line reason."""
+    try:
+        load_image(path)
+    except ImagePathError as err:
+        return str(err)
+    return None
