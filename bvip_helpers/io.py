@@ -75,6 +75,9 @@ class atomic_path:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
+            umask = os.umask(0)  # mkstemp creates 0600 files; give the result the usual permissions
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)
             os.replace(self.tmp, self.target)
         else:
             self.tmp.unlink(missing_ok=True)

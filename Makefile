@@ -1,0 +1,26 @@
+# Two commands matter: `make demo` (the CPU demo pipeline) and `make test` (the test suite).
+# Both create and fill .venv on first use (scripts/setup_venv.sh).
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test lint bench strip-notebooks
+
+venv:
+	@bash scripts/setup_venv.sh
+
+demo: venv
+	@PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+
+test: venv lint
+	$(BIN)/python -m pytest tests notebooks --nbmake --nbmake-timeout=600 -q
+
+lint: venv
+	$(BIN)/ruff check bvip_helpers tests benchmarks notebooks
+
+bench: venv
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+strip-notebooks: venv
+	$(BIN)/nbstripout --keep-id notebooks/*.ipynb 2>/dev/null || $(BIN)/nbstripout notebooks/*.ipynb

@@ -1,0 +1,35 @@
+"""Repo-wide pytest setup: offline, smoke-sized notebooks, the optional reference data."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Set before any notebook kernel starts: nbmake kernels inherit this environment.
+os.environ.setdefault("BVIP_SMOKE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parent
+
+
+def reference_dir() -> Path:
+    """The real SENSATION CSVs (never copied into the repo); BVIP_REFERENCE_DIR overrides."""
+    return Path(os.environ.get("BVIP_REFERENCE_DIR", REPO.parent / "shared" / "reference" / "sensation"))
+
+
+@pytest.fixture(scope="session")
+def reference_csvs() -> tuple[Path, Path]:
+    """(captions_csv, annotations_csv) of the real data, or skip when absent."""
+    root = reference_dir()
+    captions, annotations = root / "complete_captions_sensation.csv", root / "annotations_with_obj_pos.csv"
+    if not (captions.is_file() and annotations.is_file()):
+        pytest.skip(f"reference CSVs not found in {root}")
+    return captions, annotations
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The committed 60-scene synthetic sample."""
+    return REPO / "data" / "sample"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create and fill .venv when missing or stale. Idempotent: a stamp records what was installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${BVIP_VENV:-.venv}
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+stamp="$VENV/.bvip-installed"
+want=$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -d' ' -f1)
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  exit 0
+fi
+echo "[setup] creating $VENV with $($PYTHON --version)"
+[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+# torch first, pinned, so nothing pulls a different multi-GB build.
+"${pip[@]}" install -c scripts/constraints.txt torch torchvision
+"${pip[@]}" install -c scripts/constraints.txt -e ".[dev,metrics,export]"
+echo "$want" > "$stamp"
+echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers, trl, peft; print("torch", torch.__version__, "| transformers", transformers.__version__, "| trl", trl.__version__, "| peft", peft.__version__)')"

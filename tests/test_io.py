@@ -1,0 +1,75 @@
+"""Atomic writes, JSONL errors with line numbers, image-root containment, image checks."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from bvip_helpers import io
+
+
+def test_write_jsonl_is_atomic_on_failure(tmp_path):
+    target = tmp_path / "out.jsonl"
+    io.write_jsonl(target, [{"a": 1}])
+
+    def broken():
+        yield {"a": 2}
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        io.write_jsonl(target, broken())
+    assert io.read_jsonl(target) == [{"a": 1}], "the old file must survive a failed write"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"], "no temp files left behind"
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "preds.jsonl"
+    path.write_text('{"image": "a.jpg"}\n\n{"image": \n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(io.JsonlError, match=r"preds.jsonl: line 3"):
+        io.read_jsonl(path)
+    bad: list[int] = []
+    assert io.read_jsonl(path, skip_bad_lines=True, bad_lines=bad) == [{"image": "a.jpg"}]
+    assert bad == [3, 4]
+
+
+def test_append_jsonl_appends_whole_lines(tmp_path):
+    path = tmp_path / "p.jsonl"
+    io.append_jsonl(path, [{"i": 0}, {"i": 1}])
+    io.append_jsonl(path, [{"i": 2}])
+    assert [json.loads(line)["i"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("rel", ["../secret.jpg", "/etc/passwd", "a/../../b.jpg"])
+def test_paths_escaping_the_image_root_are_refused(tmp_path, rel):
+    with pytest.raises(io.ImagePathError, match="escapes the image root"):
+        io.safe_image_path(tmp_path, rel)
+
+
+def test_safe_image_path_inside_root(tmp_path):
+    assert io.safe_image_path(tmp_path, "training/images/a.jpg") == (tmp_path / "training/images/a.jpg").resolve()
+
+
+def test_missing_and_corrupt_images_are_reported(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (4, 4), "red").save(good)
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    assert io.check_image(good) is None
+    assert "not found" in io.check_image(tmp_path / "missing.jpg")
+    assert "corrupt" in io.check_image(corrupt)
+    assert io.load_image(good).mode == "RGB"
+
+
+def test_save_fig_writes_png(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setenv("BVIP_ROOT", str(tmp_path))
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = io.save_fig("unit_test_plot", fig)
+    plt.close(fig)
+    assert path == tmp_path / "figures" / "unit_test_plot.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,196 @@
+"""Model registry: entries, lookup, loading guards, LoRA targets against real module names, docs in sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from bvip_helpers import registry
+from bvip_helpers.io import repo_root
+from bvip_helpers.registry import MODELS, get_spec, load_model_and_processor
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+HF_NATIVE = [s for s in MODELS.values() if not s.is_export_only and not s.name.startswith("tiny-")]
+
+
+def test_every_family_has_a_real_model_and_a_tiny_twin():
+    assert set(registry.FAMILIES) == set(registry.FAMILY_REFERENCE)
+    for family in registry.FAMILIES:
+        twin = MODELS[f"tiny-{family}"]
+        assert twin.hub_id == f"runs/models/tiny-{family}" and twin.is_local and twin.family == family
+        reference = MODELS[registry.FAMILY_REFERENCE[family]]
+        assert (twin.model_class, twin.trainer, twin.prompt_style) == (
+            reference.model_class, reference.trainer, reference.prompt_style)
+    assert registry.DEFAULT_MODEL == "tiny-qwen2-vl" in MODELS
+
+
+def test_trainer_and_prompt_rules():
+    for spec in HF_NATIVE:
+        expected = "trl_sft" if spec.family in registry.DECODER_ONLY else "collator_trainer"
+        assert spec.trainer == expected, spec.name
+        assert spec.prompt_style in ("chat", "prefix", "none")
+        assert (spec.task_prefix is not None) == (spec.prompt_style == "prefix"), spec.name
+        assert set(spec.recipes) == {"16gb", "80gb"} and not spec.trust_remote_code_needed
+        assert spec.licence and not spec.is_local
+    assert MODELS["paligemma2-3b"].task_prefix == "caption en"
+    assert MODELS["paligemma2-3b"].hub_id == "google/paligemma2-3b-pt-224"
+    assert MODELS["florence2-base"].task_prefix.startswith("<") and MODELS["blip-base"].prompt_style == "none"
+
+
+def test_hf_native_classes_exist_in_transformers():
+    import transformers
+
+    for spec in HF_NATIVE:
+        assert hasattr(transformers, spec.model_class), spec.model_class
+        assert hasattr(transformers, spec.processor_class), spec.processor_class
+
+
+def test_export_only_entries():
+    exports = {s.name: s for s in MODELS.values() if s.is_export_only}
+    assert {"internvl2-1b", "openflamingo-3b", "mobilevlm-v2-1.7b", "moondream2"} <= set(exports)
+    from bvip_helpers.exporters import EXPORTERS
+
+    for spec in exports.values():
+        assert spec.exporter is None or spec.exporter in EXPORTERS
+        assert spec.family is None and spec.lora_target_modules is None
+    assert exports["moondream2"].trust_remote_code_needed and exports["internvl2-1b"].exporter == "internvl"
+
+
+def test_get_spec_by_name_hub_id_and_unknown():
+    assert get_spec("qwen2-vl-2b") is MODELS["qwen2-vl-2b"]
+    assert get_spec("qwen/qwen2-vl-2b-instruct").name == "qwen2-vl-2b"
+    with pytest.raises(registry.UnknownModelError, match="Known names: .*tiny-qwen2-vl"):
+        get_spec("no-such-model")
+
+
+def test_get_spec_infers_family_from_a_local_dir(tmp_path):
+    ckpt = tmp_path / "my-smol"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "idefics3",
+                                                  "architectures": ["Idefics3ForConditionalGeneration"]}))
+    spec = get_spec(str(ckpt))
+    assert spec.family == "smolvlm" and spec.hub_id == str(ckpt) and spec.is_local
+    assert spec.model_class == "Idefics3ForConditionalGeneration" and spec.trainer == "trl_sft"
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "google/paligemma2-3b-pt-224"}))
+    assert get_spec(str(adapter)).name == "paligemma2-3b"
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(registry.UnknownModelError, match="'bert' is not a registry family"):
+        get_spec(str(odd))
+
+
+def test_loader_refuses_export_only_remote_code_and_cpu_4bit(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="export-only.*bvip export --format moondream"):
+        load_model_and_processor("moondream2", trust_remote_code=True)
+    remote = registry.replace(MODELS["qwen2-vl-2b"], trust_remote_code_needed=True)
+    with pytest.raises(ValueError, match="needs trust_remote_code=True"):
+        load_model_and_processor(remote)
+    monkeypatch.setenv("BVIP_ROOT", str(tmp_path))  # no runs/models there
+    with pytest.raises(FileNotFoundError, match="bvip tiny-model --family qwen2-vl"):
+        load_model_and_processor("tiny-qwen2-vl")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            registry._four_bit_config(None)
+
+
+@pytest.mark.slow
+def test_loader_loads_a_tiny_twin_and_an_adapter(tmp_path, monkeypatch):
+    twins = pytest.importorskip("bvip_helpers.twins")
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setenv("BVIP_ROOT", str(tmp_path))
+    twins.build_tiny_model("qwen2-vl", tmp_path / "runs/models/tiny-qwen2-vl", seed=0)
+    model, processor = load_model_and_processor("tiny-qwen2-vl", dtype="fp32")
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and model.dtype == torch.float32
+    assert hasattr(processor, "image_processor")
+
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=MODELS["tiny-qwen2-vl"].lora_target_modules))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded, _ = load_model_and_processor("tiny-qwen2-vl", adapter=tmp_path / "adapter")
+    assert type(reloaded).__name__ == "PeftModel"
+    (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
+        load_model_and_processor("tiny-qwen2-vl", adapter=tmp_path / "adapter")
+
+
+CONFIGS = {
+    "qwen2-vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+    "qwen2.5-vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+    "smolvlm": ("SmolVLMConfig", "SmolVLMForConditionalGeneration"),
+    "paligemma": ("PaliGemmaConfig", "PaliGemmaForConditionalGeneration"),
+    "florence2": ("Florence2Config", "Florence2ForConditionalGeneration"),
+    "deepseek-vl": ("DeepseekVLConfig", "DeepseekVLForConditionalGeneration"),
+    "internvl": ("InternVLConfig", "InternVLForConditionalGeneration"),
+    "janus": ("JanusConfig", "JanusForConditionalGeneration"),
+    "blip": ("BlipConfig", "BlipForConditionalGeneration"),
+    "blip2": ("Blip2Config", "Blip2ForConditionalGeneration"),
+    "llava-onevision": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration"),
+}
+
+
+@pytest.mark.parametrize("family", registry.FAMILIES)
+def test_lora_targets_and_frozen_modules_match_the_real_architecture(family):
+    """Built on the meta device from the default (full-size) config: names are real, no memory is used."""
+    import torch
+    import transformers
+
+    config_name, model_name = CONFIGS[family]
+    with torch.device("meta"):
+        model = getattr(transformers, model_name)(getattr(transformers, config_name)())
+    spec = MODELS[registry.FAMILY_REFERENCE[family]]
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    targeted = [n for n in names if re.fullmatch(spec.lora_target_modules, n)]
+    assert len(targeted) >= 4, f"{family}: LoRA regex matches {len(targeted)} linear layers"
+    all_names = [n for n, _ in model.named_modules()]
+    for prefix in spec.frozen_modules:
+        assert prefix in all_names, f"{family}: frozen module {prefix!r} does not exist"
+        assert not any(n.startswith(prefix + ".") for n in targeted), f"{family}: LoRA hits frozen {prefix}"
+    # only the language model gets adapters: no vision/projector layer is targeted
+    assert not any(re.search(r"vision|visual|vqmodel|projector|aligner|qformer", n) for n in targeted)
+
+
+def test_docs_models_md_is_up_to_date():
+    doc = repo_root() / "docs" / "models.md"
+    assert doc.is_file(), "docs/models.md missing: run `bvip models --markdown --write docs/models.md`"
+    assert doc.read_text(encoding="utf-8") == registry.registry_table(markdown=True), (
+        "docs/models.md is stale: run `bvip models --markdown --write docs/models.md`")
+
+
+def test_cli_prints_both_tables(capsys):
+    from bvip_helpers.cli import main
+
+    assert main(["models"]) == 0
+    plain = capsys.readouterr().out
+    assert plain.splitlines()[0].startswith("name") and "tiny-qwen2-vl" in plain and "|" not in plain
+    assert main(["models", "--markdown"]) == 0
+    md = capsys.readouterr().out
+    assert md.startswith("# Model registry") and "| qwen2-vl-2b | Qwen/Qwen2-VL-2B-Instruct |" in md
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "smolvlm", "internvl"])
+def test_image_budget_kwargs_reach_the_image_processor(family, tmp_path):
+    """The real entries' image budgets are valid processor kwargs (checked on the family's tiny twin)."""
+    twins = pytest.importorskip("bvip_helpers.twins")
+    from transformers import AutoProcessor
+
+    twin_dir = twins.build_tiny_model(family, tmp_path / family)
+    budget = MODELS[registry.FAMILY_REFERENCE[family]].image_budget
+    size = AutoProcessor.from_pretrained(twin_dir, **budget).image_processor
+    if family == "qwen2-vl":  # transformers 5 keeps min/max_pixels as size.shortest/longest_edge
+        assert (size.size.shortest_edge, size.size.longest_edge) == (budget["min_pixels"], budget["max_pixels"])
+    elif family == "smolvlm":
+        assert size.size.longest_edge == 768
+    else:
+        assert size.crop_to_patches is False
