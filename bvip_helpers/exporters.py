@@ -26,7 +26,7 @@ from PIL import Image
 from bvip_helpers.io import (
     ImagePathError,
     atomic_path,
-    read_jsonl,
+    numbered_jsonl,
     resolve,
     safe_image_path,
     write_json,
@@ -81,7 +81,7 @@ def load_split(sft_dir: str | Path, split: str, image_root: str | Path, *,
         raise FileNotFoundError(f"{path} not found; run `bvip build-dataset` first or pass --splits")
     root = resolve(image_root)
     samples, problems = [], []
-    for line, record in enumerate(read_jsonl(path), start=1):
+    for line, record in numbered_jsonl(path):
         for key in ("image", "prompt", "response"):
             if not isinstance(record.get(key), str) or not record[key]:
                 raise ValueError(f"{path}: line {line} has no {key!r} string; rebuild with `bvip build-dataset`")

@@ -124,12 +124,13 @@ class JsonlError(ValueError):
     """A malformed JSONL line; the message names the file and line number."""
 
 
-def iter_jsonl(path: str | os.PathLike[str], *, skip_bad_lines: bool = False,
-               bad_lines: list[int] | None = None) -> Iterator[dict[str, Any]]:
-    """Yield records; a malformed line raises :class:`JsonlError` unless ``skip_bad_lines``.
+def numbered_jsonl(path: str | os.PathLike[str], *, skip_bad_lines: bool = False,
+                   bad_lines: list[int] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, record)``; a malformed line raises :class:`JsonlError` unless ``skip_bad_lines``.
 
-    Skipped line numbers are appended to ``bad_lines`` so callers can report the count.
-    A truncated last line (a run killed mid-write) is treated like any malformed line.
+    Line numbers count every line of the file (blank ones too), as an editor shows them, so
+    later errors about a record can name its line. Skipped line numbers are appended to
+    ``bad_lines``. A truncated last line (a run killed mid-write) is treated like any malformed line.
     """
     with open(path, encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
@@ -148,7 +149,13 @@ def iter_jsonl(path: str | os.PathLike[str], *, skip_bad_lines: bool = False,
                 if bad_lines is not None:
                     bad_lines.append(number)
                 continue
-            yield record
+            yield number, record
+
+
+def iter_jsonl(path: str | os.PathLike[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """The records of :func:`numbered_jsonl`, without line numbers."""
+    for _, record in numbered_jsonl(path, **kwargs):
+        yield record
 
 
 def read_jsonl(path: str | os.PathLike[str], **kwargs: Any) -> list[dict[str, Any]]:

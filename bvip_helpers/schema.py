@@ -191,21 +191,27 @@ def compose_caption(labels: SceneLabels, context: str = "") -> str:
 
 # --- Parsing ----------------------------------------------------------------
 
-_FIELD_PATTERNS = {
-    "sidewalk_pos": re.compile(r"(?<![a-z])sidewalk\s*:\s*(left|center|centre|right|front|unknown)\b", re.I),
-    "road_pos": re.compile(r"(?<![a-z])road\s*:\s*(left|center|centre|right|front|unknown)\b", re.I),
-    "road_vs_sidewalk": re.compile(r"roadvssidewalk\s*:\s*(left_of|right_of|crossing_front|unknown)\b", re.I),
+# re.A: ASCII-only case folding, so "ſ" (long s) or the Kelvin sign never match "s"/"k".
+_FLAGS = re.I | re.A
+#: Presence patterns, as the seed defines them: ``Field: value`` anywhere, case-insensitive.
+#: Sidewalk and Road accept ``front`` (the seed accepts it for both).
+FIELD_PATTERNS = {
+    "sidewalk_pos": re.compile(r"(?<![a-z])sidewalk\s*:\s*(left|center|centre|right|front|unknown)\b", _FLAGS),
+    "road_pos": re.compile(r"(?<![a-z])road\s*:\s*(left|center|centre|right|front|unknown)\b", _FLAGS),
+    "road_vs_sidewalk": re.compile(r"roadvssidewalk\s*:\s*(left_of|right_of|crossing_front|unknown)\b", _FLAGS),
 }
-_SECTION = re.compile(r"\b(nearby|far|context)\s*:", re.I)
-_COUNT_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
+_SECTION = re.compile(r"\b(nearby|far|context)\s*:", _FLAGS)
+_COUNT_WORDS = {"no": 0, "zero": 0, "a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
 _NOUN_TO_CLASS = {syn: o.name for o in OBJECT_CLASSES for syn in o.synonyms}
 # Longest synonyms first so "traffic light" wins over "light"-less partial matches.
 _NOUN_ALTERNATION = "|".join(sorted(map(re.escape, _NOUN_TO_CLASS), key=len, reverse=True))
 _OBJECT_MENTION = re.compile(
-    rf"(?<![a-z])(?:(?P<count>\d+|an?|one|two|three|four|five|six)\s+)?(?P<noun>{_NOUN_ALTERNATION})\b",
-    re.I,
+    rf"(?<![a-z])(?:(?P<count>\d{{1,3}}|no|zero|an?|one|two|three|four|five|six)\s+)?(?P<noun>{_NOUN_ALTERNATION})\b",
+    _FLAGS,
 )
-_POSITION_WORD = re.compile(r"\b(left|center|centre|right)\b", re.I)
+#: More objects of one class than any caption lists; larger counts are clipped, not allocated.
+MAX_OBJECTS_PER_CLASS = 20
+_POSITION_WORD = re.compile(r"\b(left|center|centre|right)\b", _FLAGS)
 
 
 @dataclass
@@ -226,7 +232,9 @@ def _parse_objects(text: str) -> dict[str, list[str]]:
     for i, mention in enumerate(mentions):
         name = _NOUN_TO_CLASS[mention.group("noun").lower()]
         raw = (mention.group("count") or "a").lower()
-        count = int(raw) if raw.isdigit() else _COUNT_WORDS[raw]
+        count = min(int(raw), MAX_OBJECTS_PER_CLASS) if raw.isdigit() else _COUNT_WORDS[raw]
+        if count == 0:  # "no cars", "0 cars": not a mention
+            continue
         rest = text[mention.end(): mentions[i + 1].start() if i + 1 < len(mentions) else len(text)]
         rest = re.split(r"[;.]", rest, maxsplit=1)[0]
         positions = [_SYNONYMS.get(p.lower(), p.lower()) for p in _POSITION_WORD.findall(rest)]
@@ -243,7 +251,7 @@ def parse_caption(text: object) -> ParsedCaption:
     text = "" if text is None else str(text)
     fields: dict[str, str | None] = {}
     first_field_at = len(text)
-    for key, pattern in _FIELD_PATTERNS.items():
+    for key, pattern in FIELD_PATTERNS.items():
         match = pattern.search(text)
         fields[key] = _SYNONYMS.get(match.group(1).lower(), match.group(1).lower()) if match else None
         if match:

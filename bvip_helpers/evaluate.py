@@ -1,0 +1,471 @@
+"""Score a predictions JSONL against the ground truth: mandatory fields, near objects, baselines.
+
+Two families of metrics, side by side:
+
+* **Seed-compatible** (``presence``, ``accuracy``, ``legacy_objects``): exactly the figures of the
+  original ``near_object_and_position_eval.py``, so numbers compare with published ones.
+
+  - *presence*: a field is present when ``Field: value`` appears anywhere in the text,
+    case-insensitive (the patterns of :mod:`bvip_helpers.schema`; ``front`` is accepted for
+    Sidewalk as well as Road).
+  - *accuracy*: the predicted value equals the normalised ground truth. The denominator is
+    every image of the split; a missing prediction or a missing field is absent and wrong.
+  - *legacy_objects*: keyword proxy. An object is mentioned when any of its keywords
+    (:data:`LEGACY_KEYWORDS`) is a substring of the whole lowercased text, so ``sign``
+    matches inside ``design``. The ground truth has it when its ``m_*`` cell is not empty,
+    NaN, ``none`` or ``not present``.
+
+* **Structured** (``structured``): :func:`bvip_helpers.schema.parse_caption` reads the
+  ``Nearby:`` and ``Far:`` sections with word boundaries and synonyms. Definitions, all per
+  (image, object class) pair unless said otherwise:
+
+  - *near_objects* / *far_objects*: a pair is a true positive when the ground-truth cell has at
+    least one position and the section names the class; recall, precision and F1 per class
+    and micro over all classes.
+  - *position_accuracy*: over pairs present in both, the fraction whose positions are the
+    same multiset (exact match, e.g. ``[left, right]`` vs ``[left, right]``; a position the
+    parser could not read counts as ``unknown`` and so as wrong).
+    *count_accuracy*: over the same pairs, the fraction with equal object counts.
+  - *hallucinated_objects*: pairs named in ``Nearby:`` that are absent from the ground-truth
+    near cells (a class that is only far in the ground truth still counts);
+    *hallucination_rate*: the fraction of images with at least one.
+  - *critical_misses*: close person, car or bicycle pairs of the ground truth that ``Nearby:``
+    does not name; *critical_miss_rate*: misses divided by all such ground-truth pairs.
+  - *section_order_ok*: the fraction of images whose parsed section order is mandatory fields,
+    Nearby, then optionally Far, then optionally Context (a missing prediction fails).
+  - *relation_consistency*: among predictions carrying all three fields, the fraction whose
+    RoadVsSidewalk equals :func:`~bvip_helpers.schema.derive_relation` of their Sidewalk and Road.
+  - *confusion* / *macro_f1*: rows are ground truth, columns predictions; the labels are the
+    field's enum, any other value predicted (``front`` for Sidewalk), then ``missing``.
+    Macro-F1 averages the per-label F1 over the labels seen in the ground truth or the
+    predictions, ``missing`` excluded as a class (it still counts as a wrong prediction).
+  - *baselines*: the majority value per field (computed on the ``train`` rows of the ground
+    truth when present, else on the evaluated split; ``computed_on`` says which) and the
+    original caption (``target``) used as the prediction. For the original caption,
+    ``near_objects`` reads the whole caption as if it were the ``Nearby:`` section (it has no
+    sections) and ``legacy_objects`` gives the keyword proxy, both micro over all classes.
+
+Inputs: duplicate predictions for one image keep the **last** line (a resumed run appends
+regenerated captions); ``inputs.duplicates`` counts the dropped lines. ``outside_split`` counts
+distinct predicted images that are not in the split. Undefined ratios (0/0) are ``null``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import schema
+from .io import numbered_jsonl, write_json
+
+FIELDS = tuple(schema.FIELD_LABELS)
+#: The schema's field patterns (public alias requested from the lead; falls back to the private name).
+FIELD_PATTERNS: dict[str, re.Pattern[str]] = schema.FIELD_PATTERNS
+
+#: The seed's keyword proxy: annotation column -> keywords matched as plain substrings.
+LEGACY_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "m_person": ("person", "pedestrian", "man", "woman", "people"),
+    "m_car": ("car", "vehicle", "auto"),
+    "m_bicycle": ("bicycle", "bike", "cyclist"),
+    "m_obstacle": ("obstacle", "barrier", "cone", "bollard", "block"),
+    "m_traffic_sign": ("traffic sign", "sign"),
+    "traffic_light": ("traffic light", "trafficlight", "signal"),
+}
+#: Cells the seed treats as "object absent" (after strip + lowercase), besides NaN.
+LEGACY_EMPTY_CELLS = ("", "nan", "none", "not present")
+MISSING = "missing"
+ALLOWED_SECTION_ORDERS = (
+    ["fields", "nearby"],
+    ["fields", "nearby", "far"],
+    ["fields", "nearby", "context"],
+    ["fields", "nearby", "far", "context"],
+)
+
+
+# --- small helpers -----------------------------------------------------------
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num) / float(den) if den else None
+
+
+def _f1(precision: float | None, recall: float | None) -> float | None:
+    if precision is None or recall is None:
+        return None
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+def _prf(gt: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    """Counts and ratios for boolean arrays of ground-truth presence and predicted mention."""
+    tp = int(np.sum(gt & pred))
+    fn = int(np.sum(gt & ~pred))
+    fp = int(np.sum(~gt & pred))
+    recall, precision = _ratio(tp, tp + fn), _ratio(tp, tp + fp)
+    return {"gt_present": int(np.sum(gt)), "tp": tp, "fn": fn, "fp": fp,
+            "recall": recall, "precision": precision, "f1": _f1(precision, recall)}
+
+
+def basename(paths: pd.Series) -> pd.Series:
+    """Image basenames, for POSIX and Windows separators alike."""
+    return paths.astype(str).str.replace(r"^.*[/\\]", "", regex=True)
+
+
+def extract_fields(texts: pd.Series) -> pd.DataFrame:
+    """Predicted field values (lowercased, ``centre`` -> ``center``), ``None`` where absent; vectorised."""
+    out = {}
+    for key, pattern in FIELD_PATTERNS.items():
+        values = texts.str.extract(pattern, expand=False).str.lower().replace({"centre": "center"})
+        out[key] = values.astype(object).where(values.notna(), None)
+    return pd.DataFrame(out, index=texts.index)
+
+
+def legacy_mentions(texts: pd.Series) -> dict[str, np.ndarray]:
+    """Seed keyword proxy: column -> boolean array 'some keyword is a substring of the lowercased text'."""
+    lowered = texts.str.lower()
+    return {column: lowered.str.contains("|".join(map(re.escape, keywords)), regex=True).to_numpy(bool)
+            for column, keywords in LEGACY_KEYWORDS.items()}
+
+
+def legacy_gt_present(ground_truth: pd.DataFrame, column: str) -> np.ndarray:
+    """Seed rule: the cell is present unless empty, NaN, ``none`` or ``not present``."""
+    if column not in ground_truth:
+        return np.zeros(len(ground_truth), bool)
+    cells = ground_truth[column]
+    cleaned = cells.astype("string").str.strip().str.lower()
+    return (cells.notna() & ~cleaned.isin(LEGACY_EMPTY_CELLS)).to_numpy(bool)
+
+
+def _cell_positions(ground_truth: pd.DataFrame, column: str) -> list[tuple[str, ...]]:
+    """Positions per row from a raw object cell; parsed once per distinct value."""
+    if column not in ground_truth:
+        return [()] * len(ground_truth)
+    cells = ground_truth[column].astype(object).where(ground_truth[column].notna(), "")
+    lookup = {value: tuple(schema.parse_object_cell(value)[0]) for value in cells.unique()}
+    return [lookup[value] for value in cells]
+
+
+# --- inputs ---------------------------------------------------------------------
+
+
+def predictions_frame(predictions: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pd.DataFrame:
+    """Predictions as a frame with ``image`` (basename) and ``text``: ``text`` if set, else ``response``."""
+    if isinstance(predictions, pd.DataFrame):
+        frame = predictions
+    else:  # column by column: records may mix 'text' and 'response'
+        records = list(predictions)
+        frame = pd.DataFrame({key: [record.get(key) for record in records] for key in ("image", "text", "response")
+                              if not records or any(key in record for record in records)}, dtype=object)
+    if "image" not in frame:
+        raise ValueError("predictions need an 'image' column/key (the image path or basename)")
+    if "text" not in frame and "response" not in frame:
+        raise ValueError("predictions need a 'text' or 'response' column/key with the generated caption")
+    text = frame["text"] if "text" in frame else pd.Series(None, index=frame.index, dtype=object)
+    if "response" in frame:
+        text = text.where(text.notna() & (text.astype(str) != ""), frame["response"])
+    return pd.DataFrame({"image": basename(frame["image"]), "text": text.fillna("").astype(str)}, index=frame.index)
+
+
+def _match(preds: pd.DataFrame, images: pd.Series) -> tuple[pd.Series, dict[str, int]]:
+    """Texts aligned with ``images`` ('' where missing) and the input counts."""
+    duplicates = int(preds["image"].duplicated(keep="last").sum())
+    latest = preds.drop_duplicates("image", keep="last").set_index("image")["text"]
+    matched = images.map(latest)
+    inputs = {
+        "missing_predictions": int(matched.isna().sum()),
+        "outside_split": len(set(latest.index.tolist()) - set(images.tolist())),  # sets: Index.isin is slow on str
+        "duplicates": duplicates,
+        "bad_lines": 0,
+        "prediction_records": int(len(preds)),
+    }
+    return matched.fillna("").astype(str), inputs
+
+
+# --- metric groups -----------------------------------------------------------
+
+
+def seed_metrics(texts: pd.Series, ground_truth: pd.DataFrame) -> dict[str, Any]:
+    """Presence, accuracy and legacy keyword-proxy figures, vectorised over the whole split."""
+    predicted = extract_fields(texts)
+    n = len(texts)
+    presence = {key: _ratio(predicted[key].notna().sum(), n) for key in FIELDS}
+    accuracy = {key: _ratio((predicted[key].to_numpy(object) == ground_truth[key].to_numpy(object)).sum(), n)
+                for key in FIELDS}
+    mentioned = legacy_mentions(texts)
+    legacy = {}
+    for column, hits in mentioned.items():
+        stats = _prf(legacy_gt_present(ground_truth, column), hits)
+        stats.pop("f1")
+        legacy[column] = stats
+    return {"presence": presence, "accuracy": accuracy, "legacy_objects": legacy, "_fields": predicted}
+
+
+def _object_metrics(gt: dict[str, list[tuple[str, ...]]], pred: list[dict[str, list[str]]]) -> dict[str, Any]:
+    per_object = {}
+    total = np.zeros(3, int)
+    for name, gt_positions in gt.items():
+        stats = _prf(np.fromiter((bool(p) for p in gt_positions), bool, len(gt_positions)),
+                     np.fromiter((bool(p.get(name)) for p in pred), bool, len(pred)))
+        per_object[name] = stats
+        total += (stats["tp"], stats["fn"], stats["fp"])
+    tp, fn, fp = map(int, total)
+    recall, precision = _ratio(tp, tp + fn), _ratio(tp, tp + fp)
+    return {"recall": recall, "precision": precision, "f1": _f1(precision, recall),
+            "tp": tp, "fn": fn, "fp": fp, "per_object": per_object}
+
+
+def confusion(gt: pd.Series, pred: pd.Series, enum: tuple[str, ...]) -> tuple[dict[str, Any], float | None]:
+    """Confusion matrix (rows ground truth, columns prediction) and macro-F1 of one field."""
+    gt = gt.fillna(schema.UNKNOWN).astype(str)
+    pred = pred.fillna(MISSING).astype(str)
+    extra = sorted((set(gt) | set(pred)) - set(enum) - {MISSING})
+    labels = [*enum, *extra, MISSING]
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = np.zeros((len(labels), len(labels)), int)
+    np.add.at(matrix, (gt.map(index).to_numpy(int), pred.map(index).to_numpy(int)), 1)
+    scores = []
+    for label in labels[:-1]:
+        i = index[label]
+        tp, gt_count, pred_count = matrix[i, i], matrix[i, :].sum(), matrix[:, i].sum()
+        if gt_count or pred_count:
+            scores.append(_f1(_ratio(tp, pred_count) or 0.0, _ratio(tp, gt_count) or 0.0) or 0.0)
+    return {"labels": labels, "matrix": matrix.tolist()}, (float(np.mean(scores)) if scores else None)
+
+
+def structured_metrics(texts: pd.Series, ground_truth: pd.DataFrame, fields: pd.DataFrame) -> dict[str, Any]:
+    """Metrics from :func:`schema.parse_caption` (see the module docstring for definitions)."""
+    cache = {text: schema.parse_caption(text) for text in texts.unique()}
+    parsed = [cache[text] for text in texts]
+    gt_near = {o.name: _cell_positions(ground_truth, o.near_column) for o in schema.OBJECT_CLASSES}
+    gt_far = {o.name: _cell_positions(ground_truth, o.far_column) for o in schema.OBJECT_CLASSES}
+    near = _object_metrics(gt_near, [p.near for p in parsed])
+    far = _object_metrics(gt_far, [p.far for p in parsed])
+
+    matched = same_positions = same_count = 0
+    hallucinated_images = critical_gt = critical_missed = 0
+    critical = {o.name for o in schema.OBJECT_CLASSES if o.critical}
+    for row, caption in enumerate(parsed):
+        truth = {name: positions[row] for name, positions in gt_near.items() if positions[row]}
+        said = {name: where for name, where in caption.near.items() if where}  # "0 cars" names no car
+        hallucinated_images += any(name not in truth for name in said)
+        for name, positions in truth.items():
+            if name in critical:
+                critical_gt += 1
+                critical_missed += name not in said
+            if name in said:
+                matched += 1
+                same_count += len(positions) == len(said[name])
+                same_positions += Counter(positions) == Counter(said[name])
+
+    order_ok = sum(p.section_order in ALLOWED_SECTION_ORDERS for p in parsed)
+    complete = fields.notna().all(axis=1)
+    consistent = sum(schema.derive_relation(sw, road) == rel for sw, road, rel in
+                     fields.loc[complete, list(FIELDS)].itertuples(index=False))
+    matrices, macro = {}, {}
+    for key in FIELDS:
+        matrices[key], macro[key] = confusion(ground_truth[key], fields[key], schema.FIELD_ENUMS[key])
+    n = len(texts)
+    return {
+        "near_objects": near,
+        "far_objects": far,
+        "position_accuracy": _ratio(same_positions, matched),
+        "count_accuracy": _ratio(same_count, matched),
+        "matched_near_pairs": matched,
+        "hallucinated_objects": near["fp"],
+        "hallucination_rate": _ratio(hallucinated_images, n),
+        "critical_misses": critical_missed,
+        "critical_miss_rate": _ratio(critical_missed, critical_gt),
+        "section_order_ok": _ratio(order_ok, n),
+        "relation_consistency": _ratio(consistent, int(complete.sum())),
+        "macro_f1": macro,
+        "confusion": matrices,
+    }
+
+
+def baselines(ground_truth: pd.DataFrame, split_rows: pd.DataFrame, split: str) -> dict[str, Any]:
+    """Majority value per field and the original caption (``target``) used as the prediction."""
+    train = ground_truth[ground_truth["split"] == "train"] if "split" in ground_truth else ground_truth.iloc[:0]
+    source, computed_on = (train, "train") if len(train) else (split_rows, split)
+    n = len(split_rows)
+    majority_value = {key: str(source[key].fillna(schema.UNKNOWN).value_counts().idxmax()) for key in FIELDS}
+    majority_accuracy = {key: _ratio((split_rows[key] == majority_value[key]).sum(), n) for key in FIELDS}
+
+    targets = split_rows["target"].fillna("").astype(str) if "target" in split_rows else pd.Series("", split_rows.index)
+    seed = seed_metrics(targets, split_rows)
+    cache = {text: schema.parse_caption("Nearby: " + text).near for text in targets.unique()}
+    as_nearby = [cache[text] for text in targets]
+    near = _object_metrics({o.name: _cell_positions(split_rows, o.near_column) for o in schema.OBJECT_CLASSES},
+                           as_nearby)
+    legacy_tp = sum(v["tp"] for v in seed["legacy_objects"].values())
+    legacy_fn = sum(v["fn"] for v in seed["legacy_objects"].values())
+    legacy_fp = sum(v["fp"] for v in seed["legacy_objects"].values())
+    return {
+        "majority": {"value": majority_value, "accuracy": majority_accuracy, "computed_on": computed_on},
+        "original_caption": {
+            "presence": seed["presence"],
+            "accuracy": seed["accuracy"],
+            "near_objects": {"recall": near["recall"], "precision": near["precision"]},
+            "legacy_objects": {"recall": _ratio(legacy_tp, legacy_tp + legacy_fn),
+                               "precision": _ratio(legacy_tp, legacy_tp + legacy_fp)},
+        },
+    }
+
+
+# --- entry points ----------------------------------------------------------------
+
+
+def evaluate_predictions(predictions: Iterable[Mapping[str, Any]] | pd.DataFrame, ground_truth: pd.DataFrame,
+                         split: str = "test", *, structured: bool = True, pred_file: str = "") -> dict[str, Any]:
+    """Score predictions against ``dataset.load_ground_truth`` output; returns the report dict.
+
+    ``predictions``: records or a frame with ``image`` and ``text`` or ``response``.
+    ``structured=False`` computes the seed-compatible figures only (fast path for benchmarks).
+    """
+    if "image" not in ground_truth:
+        ground_truth = ground_truth.assign(image=basename(ground_truth["image_path"]))
+    rows = ground_truth[ground_truth["split"] == split] if "split" in ground_truth else ground_truth
+    if rows.empty:
+        found = sorted(ground_truth["split"].dropna().unique()) if "split" in ground_truth else []
+        raise ValueError(f"no ground-truth rows for split {split!r}; splits present: {found}")
+    rows = rows.reset_index(drop=True)
+    texts, inputs = _match(predictions_frame(predictions), rows["image"])
+    seed = seed_metrics(texts, rows)
+    report: dict[str, Any] = {
+        "n": len(rows), "split": split, "pred_file": pred_file,
+        "presence": seed["presence"], "accuracy": seed["accuracy"], "legacy_objects": seed["legacy_objects"],
+        "inputs": inputs,
+    }
+    if structured:
+        report["structured"] = structured_metrics(texts, rows, seed["_fields"])
+        report["structured"]["baselines"] = baselines(ground_truth, rows, split)
+    return report
+
+
+def read_predictions(pred_jsonl: str | Path, *, skip_bad_lines: bool = False) -> tuple[pd.DataFrame, int]:
+    """Predictions JSONL -> (frame with ``image`` and ``text``, number of bad lines skipped).
+
+    A line that is not a JSON object raises :class:`~bvip_helpers.io.JsonlError` naming its line
+    number. A record without ``image`` or without both ``text`` and ``response`` raises a
+    ``ValueError`` naming its line. With ``skip_bad_lines`` both are counted instead.
+    """
+    bad_lines: list[int] = []
+    records, bad_records = [], 0
+    for number, record in numbered_jsonl(pred_jsonl, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines):
+        if "image" in record and ("text" in record or "response" in record):
+            records.append(record)
+        elif skip_bad_lines:
+            bad_records += 1
+        else:
+            raise ValueError(f"{pred_jsonl}: line {number} lacks 'image' or "
+                             "'text'/'response'; fix it, or pass --skip_bad_lines to count and skip it")
+    return predictions_frame(records), len(bad_lines) + bad_records
+
+
+def evaluate_files(pred_jsonl: str | Path, captions_csv: str | Path, annotations_csv: str | Path,
+                   split: str = "test", *, skip_bad_lines: bool = False, json_out: str | Path | None = None,
+                   structured: bool = True) -> dict[str, Any]:
+    """Read the predictions JSONL and both CSVs, evaluate, optionally write the report JSON atomically."""
+    from .dataset import load_ground_truth  # the builder owns the ground-truth rules
+
+    predictions, bad = read_predictions(pred_jsonl, skip_bad_lines=skip_bad_lines)
+    ground_truth = load_ground_truth(captions_csv, annotations_csv)
+    report = evaluate_predictions(predictions, ground_truth, split, structured=structured, pred_file=str(pred_jsonl))
+    report["inputs"]["bad_lines"] = bad
+    if json_out:
+        write_json(json_out, report)
+    return report
+
+
+def flatten_report(report: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves as ``{"presence.sidewalk_pos": 0.9, ...}``; nulls, strings and matrices left out."""
+    flat: dict[str, float] = {}
+    for key, value in report.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_report(value, name + "."))
+        elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def _pct(value: float | None) -> str:
+    return "   n/a" if value is None else f"{value:6.3f}"
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """A readable text report."""
+    inputs = report["inputs"]
+    lines = [f"BVIP evaluation: split={report['split']} n={report['n']} file={report.get('pred_file') or '-'}",
+             "inputs: " + ", ".join(f"{k}={v}" for k, v in inputs.items()), ""]
+    structured = report.get("structured")
+    base = structured["baselines"] if structured else None
+    lines.append(f"{'field':<18}{'presence':>9}{'accuracy':>9}{'macroF1':>9}{'majority':>9}{'orig.cap':>9}")
+    for key in FIELDS:
+        lines.append(f"{key:<18}{_pct(report['presence'][key]):>9}{_pct(report['accuracy'][key]):>9}"
+                     f"{_pct(structured['macro_f1'][key]) if structured else '':>9}"
+                     f"{_pct(base['majority']['accuracy'][key]) if base else '':>9}"
+                     f"{_pct(base['original_caption']['accuracy'][key]) if base else '':>9}")
+    if base:
+        lines.append(f"(majority values from {base['majority']['computed_on']}: "
+                     + ", ".join(f"{k}={v}" for k, v in base['majority']['value'].items()) + ")")
+    lines += ["", "legacy keyword proxy (whole text, substrings):",
+              f"{'object':<18}{'gt':>6}{'tp':>6}{'fn':>6}{'fp':>6}{'recall':>9}{'precision':>10}"]
+    for column, s in report["legacy_objects"].items():
+        lines.append(f"{column:<18}{s['gt_present']:>6}{s['tp']:>6}{s['fn']:>6}{s['fp']:>6}"
+                     f"{_pct(s['recall']):>9}{_pct(s['precision']):>10}")
+    if structured:
+        lines += ["", "structured (Nearby/Far sections, word boundaries):",
+                  f"{'object':<18}{'near R':>8}{'near P':>8}{'far R':>8}{'far P':>8}"]
+        for name in structured["near_objects"]["per_object"]:
+            n_s, f_s = structured["near_objects"]["per_object"][name], structured["far_objects"]["per_object"][name]
+            lines.append(f"{name:<18}{_pct(n_s['recall']):>8}{_pct(n_s['precision']):>8}"
+                         f"{_pct(f_s['recall']):>8}{_pct(f_s['precision']):>8}")
+        for label, key in (("near (micro)", "near_objects"), ("far (micro)", "far_objects")):
+            s = structured[key]
+            lines.append(f"{label:<18}{_pct(s['recall']):>8}{_pct(s['precision']):>8}  f1={_pct(s['f1']).strip()}")
+        orig = base["original_caption"]["near_objects"]
+        lines += [f"original caption near: recall={_pct(orig['recall']).strip()} "
+                  f"precision={_pct(orig['precision']).strip()}",
+                  f"position accuracy {_pct(structured['position_accuracy']).strip()}, "
+                  f"count accuracy {_pct(structured['count_accuracy']).strip()} "
+                  f"(over {structured['matched_near_pairs']} matched near pairs)",
+                  f"hallucinated near objects {structured['hallucinated_objects']} "
+                  f"(images affected {_pct(structured['hallucination_rate']).strip()})",
+                  f"critical misses {structured['critical_misses']} "
+                  f"(rate {_pct(structured['critical_miss_rate']).strip()})",
+                  f"section order ok {_pct(structured['section_order_ok']).strip()}, "
+                  f"relation consistency {_pct(structured['relation_consistency']).strip()}"]
+    return "\n".join(lines)
+
+
+# --- CLI ---------------------------------------------------------------------------
+
+
+def configure_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pred_jsonl", required=True, help="predictions: one JSON object per line with "
+                        "'image' and 'text' or 'response'")
+    parser.add_argument("--captions_csv", required=True)
+    parser.add_argument("--annotations_csv", required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--json", dest="json_out", default=None, help="write the report here (atomically)")
+    parser.add_argument("--skip_bad_lines", action="store_true", help="count and skip malformed lines")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        report = evaluate_files(args.pred_jsonl, args.captions_csv, args.annotations_csv, args.split,
+                                skip_bad_lines=args.skip_bad_lines, json_out=args.json_out)
+    except (ValueError, FileNotFoundError) as err:  # JsonlError is a ValueError
+        print(f"bvip evaluate: error: {err}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.json_out:
+        print(f"\nreport written to {args.json_out}")
+    return 0
