@@ -11,9 +11,12 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
 fi
 echo "[setup] creating $VENV with $($PYTHON --version)"
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+pip_install() {  # quiet, minus the harmless notes some pip configs print for every package
+  "$VENV/bin/python" -m pip --disable-pip-version-check -q install -c scripts/constraints.txt "$@" 2>&1 \
+    | { grep -v "^WARNING: Location .* is ignored" || true; }
+}
 # torch first, pinned, so nothing pulls a different multi-GB build.
-"${pip[@]}" install -c scripts/constraints.txt torch torchvision
-"${pip[@]}" install -c scripts/constraints.txt -e ".[dev,metrics,export]"
+pip_install torch torchvision
+pip_install -e ".[dev,metrics,export]"
 echo "$want" > "$stamp"
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers, trl, peft; print("torch", torch.__version__, "| transformers", transformers.__version__, "| trl", trl.__version__, "| peft", peft.__version__)')"
