@@ -1,0 +1,325 @@
+"""Batched, resumable caption generation: ``bvip predict``.
+
+::
+
+    bvip predict --model tiny-qwen2-vl --adapter runs/tiny-qwen2-vl/sft \\
+        --jsonl data/bvpi_out/bvpi_sft_test.jsonl --image_root data/synthetic \\
+        --out runs/tiny-qwen2-vl/preds_test.jsonl --batch_size 16 [--constrained]
+
+Each finished batch is appended (fsync'd) to ``--out`` as one JSON line per image with
+``image``, ``text``, ``model``, ``adapter`` and the generation parameters, which
+``bvip evaluate`` reads directly. A rerun skips images already in the file, so a killed
+run resumes where it stopped; a truncated last line (killed mid-write) is dropped, the
+file rewritten atomically and the drop reported. A file written with other generation
+parameters is refused rather than mixed.
+
+Batches are sorted by prompt length and left-padded (the family code in
+:mod:`bvip_helpers.families` builds them), decoding is greedy or beam search, and
+``--constrained`` (see :mod:`bvip_helpers.constrained`) guarantees the three mandatory fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bvip_helpers import schema
+from bvip_helpers.constrained import constrained_generate_kwargs, mandatory_trie, relation_consistency, repair_relation
+from bvip_helpers.families import record_image_path, record_prompt
+from bvip_helpers.io import ImagePathError, JsonlError, append_jsonl, load_image, safe_image_path, write_jsonl
+
+#: output keys that must match between a file being resumed and the current run.
+RUN_KEYS = ("model", "adapter", "weights", "max_new_tokens", "num_beams", "constrained", "repair_relation")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate: the weights, its processor, the registry spec and names for the output."""
+
+    model: Any
+    processor: Any
+    spec: Any
+    name: str
+    adapter: str | None = None
+
+
+@dataclass
+class PredictStats:
+    """What one :func:`predict` call did."""
+
+    out_path: str
+    total: int = 0  # distinct images asked for
+    already_done: int = 0  # found in the output file and skipped
+    generated: int = 0
+    bad_images: list[str] = field(default_factory=list)  # reasons, one per skipped image
+    duplicate_records: int = 0
+    dropped_partial_lines: int = 0
+    repaired: int = 0
+    relation: dict[str, Any] = field(default_factory=dict)  # contradictions among this run's captions
+    seconds: float = 0.0
+
+    @property
+    def captions_per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        parts = [f"{self.generated} generated", f"{self.already_done} already done", f"total {self.total}"]
+        if self.bad_images:
+            parts.append(f"{len(self.bad_images)} bad images skipped")
+        if self.duplicate_records:
+            parts.append(f"{self.duplicate_records} duplicate records ignored")
+        if self.dropped_partial_lines:
+            parts.append(f"{self.dropped_partial_lines} truncated line dropped")
+        if self.relation:
+            parts.append(f"relation contradictions {self.relation['contradictions']}/{self.relation['checked']}")
+        if self.repaired:
+            parts.append(f"{self.repaired} relations repaired")
+        return (f"predict: {', '.join(parts)} in {self.seconds:.1f}s "
+                f"({self.captions_per_second:.2f} captions/s) -> {self.out_path}")
+
+
+def load(model: Any, adapter: str | os.PathLike[str] | None = None, **kwargs: Any) -> LoadedModel:
+    """Resolve ``model`` (registry name, hub id, local dir or registry spec) and load it, plus a PEFT ``adapter``."""
+    from bvip_helpers.registry import get_spec, load_model_and_processor
+
+    spec = get_spec(str(model) if isinstance(model, (str, os.PathLike)) else model)
+    loaded_model, processor = load_model_and_processor(spec, adapter=str(adapter) if adapter else None, **kwargs)
+    loaded_model.eval()
+    return LoadedModel(loaded_model, processor, spec, name=str(getattr(spec, "name", model)),
+                       adapter=str(adapter) if adapter else None)
+
+
+def prompt_of(record: Mapping[str, Any]) -> str:
+    """The record's instruction (SFT ``prompt`` or chat user text), else the schema's default prompt."""
+    return record_prompt(dict(record)) or schema.DEFAULT_PROMPT
+
+
+# --- Resuming ---------------------------------------------------------------------
+
+
+def recover_output(out_path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Read an existing output file; drop a truncated LAST line (rewriting the file atomically).
+
+    Returns ``(records, dropped)``. A malformed line anywhere else is not a kill artefact and
+    raises :class:`JsonlError` naming the line.
+    """
+    if not out_path.exists():
+        return [], 0
+    raw = out_path.read_bytes().decode("utf-8", errors="replace")
+    lines = raw.split("\n")
+    complete, tail = lines[:-1], lines[-1]  # tail is '' when the file ends with a newline
+    records: list[dict[str, Any]] = []
+    dropped = 0
+    for number, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if number == len(complete) and not tail.strip():
+                dropped += 1  # the last line is broken though newline-terminated: still the kill's
+                continue
+            raise JsonlError(f"{out_path}: line {number} is not a JSON object ({err}); this is not a truncated "
+                             "last line from an interrupted run. Fix or delete that line, or use another --out.") from err
+        records.append(record)
+    if tail.strip():
+        try:
+            record = json.loads(tail)
+            records.append(record)  # a complete record that only lacks its newline
+        except ValueError:
+            dropped += 1
+    if dropped or tail.strip():
+        write_jsonl(out_path, records)
+    return records, dropped
+
+
+def weights_id(loaded: LoadedModel) -> str | None:
+    """Size and mtime of the local weight files (adapter and base), so retrained weights never resume old captions.
+
+    ``None`` for hub checkpoints (their revision is fixed by the hub cache).
+    """
+    from bvip_helpers.io import resolve
+
+    folders = [resolve(loaded.adapter)] if loaded.adapter else []
+    source = Path(str(getattr(loaded.spec, "hub_id", "") or ""))
+    if str(source) and resolve(source).is_dir():
+        folders.append(resolve(source))
+    stamps = [f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}"
+              for folder in folders for f in sorted(folder.glob("*.safetensors"))]
+    return "|".join(stamps) or None
+
+
+def _check_same_run(existing: list[dict[str, Any]], run: dict[str, Any], out_path: Path) -> str | None:
+    """``None`` when every existing line was made with this run's settings, else what differs."""
+    for record in existing:
+        different = {k: (record.get(k), run[k]) for k in RUN_KEYS if k in record and record.get(k) != run[k]}
+        if different:
+            return ", ".join(f"{k}: file has {a!r}, this run {b!r}" for k, (a, b) in different.items())
+    return None
+
+
+# --- Generation --------------------------------------------------------------------
+
+
+def _generate_batch(loaded: LoadedModel, images: list[Any], prompts: list[str], *, max_new_tokens: int,
+                    num_beams: int, trie: Any) -> list[str]:
+    from bvip_helpers.families import generate_captions
+
+    kwargs: dict[str, Any] = {"num_beams": num_beams}
+    if num_beams > 1:
+        kwargs["early_stopping"] = True
+    if trie is not None:
+        kwargs.update(constrained_generate_kwargs(loaded.processor, trie))  # a fresh processor per batch
+    return generate_captions(loaded.model, loaded.processor, loaded.spec, images, prompts,
+                             max_new_tokens=max_new_tokens, **kwargs)
+
+
+def predict(model_or_spec: Any, records: Iterable[Mapping[str, Any]], image_root: str | os.PathLike[str],
+            out_path: str | os.PathLike[str], *, adapter: str | None = None, batch_size: int = 8,
+            max_new_tokens: int = 128, num_beams: int = 1, constrained: bool = False,
+            repair_relation_field: bool = False, limit: int | None = None, skip_bad_images: bool = False,
+            restart_if_changed: bool = False, progress: bool = True) -> PredictStats:
+    """Generate captions for ``records`` (dicts with ``image`` and optionally ``prompt``) into ``out_path``.
+
+    ``model_or_spec``: a :class:`LoadedModel`, or anything :func:`load` accepts (registry
+    name, spec, hub id, local dir), loaded with ``adapter``. Resumes an existing
+    ``out_path`` made with the same model weights and settings (another file is refused, or
+    started over with ``restart_if_changed``). A missing or corrupt image raises :class:`ImagePathError` naming it,
+    unless ``skip_bad_images`` (then it is counted in ``stats.bad_images``).
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1 or num_beams < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size, num_beams and max_new_tokens must be >= 1")
+    loaded = model_or_spec if isinstance(model_or_spec, LoadedModel) else load(model_or_spec, adapter)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    stats = PredictStats(out_path=str(out_path))
+    start = time.perf_counter()
+
+    run = {"model": loaded.name, "adapter": loaded.adapter, "weights": weights_id(loaded), "max_new_tokens": max_new_tokens,
+           "num_beams": num_beams, "do_sample": False, "constrained": constrained,
+           "repair_relation": repair_relation_field}
+    existing, stats.dropped_partial_lines = recover_output(out_path)
+    if stats.dropped_partial_lines:
+        print(f"predict: dropped {stats.dropped_partial_lines} truncated line(s) at the end of {out_path} "
+              "(an interrupted run) and rewrote it before resuming", file=sys.stderr)
+    different = _check_same_run(existing, run, out_path)
+    if different and not restart_if_changed:
+        raise ValueError(f"{out_path} holds predictions made with other settings ({different}); use another "
+                         "--out, delete the file, or pass --restart_if_changed to start it over")
+    if different:
+        print(f"predict: {out_path} was made with other settings ({different}); starting it over", file=sys.stderr)
+        out_path.unlink()
+        existing = []
+    done = {str(r.get("image")) for r in existing}
+
+    unique: dict[str, Mapping[str, Any]] = {}
+    for number, record in enumerate(records, start=1):
+        if not (record.get("image") or record.get("images")):
+            raise ValueError(f"record {number} has no 'image' (or 'images') key")
+        key = record_image_path(dict(record))
+        if key in unique:
+            stats.duplicate_records += 1
+            continue
+        unique[key] = record
+        if limit is not None and len(unique) >= limit:
+            break
+    stats.total = len(unique)
+    pending = [r for key, r in unique.items() if key not in done]
+    stats.already_done = stats.total - len(pending)
+
+    # Check every pending image first: a bad file should stop the run before any compute is spent.
+    usable: list[tuple[Mapping[str, Any], Path]] = []
+    for record in pending:
+        try:
+            path = safe_image_path(image_root, record_image_path(dict(record)))
+            load_image(path)
+        except ImagePathError as err:
+            if not skip_bad_images:
+                raise ImagePathError(f"{err}. Fix the image or --image_root, or pass --skip_bad_images "
+                                     "to skip and count bad images") from err
+            stats.bad_images.append(str(err))
+            continue
+        usable.append((record, path))
+    if stats.bad_images:
+        print(f"predict: skipped {len(stats.bad_images)} bad image(s): " + "; ".join(stats.bad_images[:5])
+              + (" ..." if len(stats.bad_images) > 5 else ""), file=sys.stderr)
+
+    # Similar prompt lengths in one batch mean less padding.
+    usable.sort(key=lambda item: (len(prompt_of(item[0])), str(item[1])))
+    trie = mandatory_trie(loaded.processor) if constrained else None
+    texts: list[str] = []
+    bar = tqdm(total=len(usable), desc=f"predict {loaded.name}", unit="img", disable=not progress)
+    for begin in range(0, len(usable), batch_size):
+        batch = usable[begin: begin + batch_size]
+        images = [load_image(path) for _, path in batch]
+        prompts = [prompt_of(record) for record, _ in batch]
+        generated = _generate_batch(loaded, images, prompts, max_new_tokens=max_new_tokens,
+                                    num_beams=num_beams, trie=trie)
+        lines = []
+        for (record, _), text in zip(batch, generated, strict=True):
+            line = {"image": record_image_path(dict(record)), "text": text, **run}
+            if repair_relation_field:
+                fixed, changed = repair_relation(text)
+                line.update(text=fixed, text_raw=text, repaired=changed)
+                stats.repaired += changed
+            texts.append(text)
+            lines.append(line)
+        append_jsonl(out_path, lines)
+        stats.generated += len(batch)
+        bar.update(len(batch))
+    bar.close()
+    stats.relation = relation_consistency(texts)  # of the raw model output, before any repair
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+# --- CLI -----------------------------------------------------------------------------
+
+
+def configure_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="registry name, hub id or local model folder")
+    parser.add_argument("--adapter", default=None, help="PEFT adapter folder loaded on top of --model")
+    parser.add_argument("--jsonl", required=True, help="records with 'image' (and 'prompt'), e.g. bvpi_sft_test.jsonl")
+    parser.add_argument("--image_root", required=True, help="folder the records' image paths are relative to")
+    parser.add_argument("--out", required=True, help="predictions JSONL (appended to; a rerun resumes)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--num_beams", type=int, default=1, help="1 = greedy")
+    parser.add_argument("--constrained", action="store_true",
+                        help="force 'Sidewalk: .. Road: .. RoadVsSidewalk: ..' with valid values")
+    parser.add_argument("--repair_relation", action="store_true",
+                        help="derive RoadVsSidewalk from the predicted Sidewalk and Road (raw text kept)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N distinct images")
+    parser.add_argument("--skip_bad_images", action="store_true", help="skip (and count) missing/corrupt images")
+    parser.add_argument("--restart_if_changed", action="store_true",
+                        help="start --out over when it was made with other weights or settings (default: refuse)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from bvip_helpers.io import iter_jsonl
+
+    records = list(iter_jsonl(args.jsonl))
+    try:
+        stats = predict(args.model, records, args.image_root, args.out, adapter=args.adapter,
+                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                        constrained=args.constrained, repair_relation_field=args.repair_relation, limit=args.limit,
+                        skip_bad_images=args.skip_bad_images, restart_if_changed=args.restart_if_changed,
+                        progress=not args.no_progress)
+    except (ImagePathError, JsonlError, ValueError) as err:
+        print(f"bvip predict: error: {err}", file=sys.stderr)
+        return 2
+    print(stats.summary())
+    print(json.dumps({k: v for k, v in asdict(stats).items() if k != "bad_images"}, default=str))
+    return 0

@@ -1,0 +1,603 @@
+"""Supervised fine-tuning of any registry model: LoRA (default), QLoRA or full, one interface.
+
+:func:`train_sft` picks the trainer the model family needs:
+
+* decoder-only families (Qwen2/2.5-VL, SmolVLM, DeepSeek-VL, InternVL, Janus, LLaVA-OneVision)
+  train with TRL's ``SFTTrainer``;
+* BLIP, BLIP-2, Florence-2 and PaliGemma train with a plain ``transformers.Trainer``. TRL's fused
+  LM-head loss assumes a decoder-only model (BLIP, BLIP-2, Florence-2 fail), and its collator
+  sends all-zero ``token_type_ids`` to PaliGemma, which makes the whole sequence a bidirectional
+  prefix and leaks the labels.
+
+Both get the same batches from :func:`bvip_helpers.families.collate_train` (loss on the
+assistant response only), the same LoRA setup and the same outputs in ``output_dir``:
+the adapter (or full model) plus processor and chat template, ``checkpoint-N/`` folders
+(processor beside each), ``loss_curve.png``, ``merged/`` (LoRA merged into the base and
+checked against the adapter), ``preds_val.jsonl`` and ``eval_val.json``.
+
+Runs under ``accelerate launch`` (configs in ``bvip_helpers/configs/``)::
+
+    accelerate launch --config_file bvip_helpers/configs/accelerate_ddp.yaml -m bvip_helpers sft \\
+        --model qwen2-vl-2b --data_dir data/bvpi_out --image_root data/synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from bvip_helpers import families
+from bvip_helpers.io import read_jsonl, resolve, save_fig, write_json
+
+METHODS = ("lora", "qlora", "full")
+CAPTIONS_CSV = "complete_captions_sensation.csv"
+TWIN_META = "twin_meta.json"  # written by bvip_helpers.twins
+ANNOTATIONS_CSV = "annotations_with_obj_pos.csv"
+
+
+@dataclass
+class SFTParams:
+    """Everything one SFT run needs; the ``bvip sft`` flags mirror these names."""
+
+    model: str = "tiny-qwen2-vl"  # registry name, hub id or local folder
+    data_dir: str = "data/bvpi_out"  # holds bvpi_chat_{train,val}.jsonl (or bvpi_sft_*)
+    image_root: str = "data/synthetic"  # image paths in the records are relative to this
+    output_dir: str = ""  # default runs/<model>/sft
+    method: str = "lora"  # lora | qlora | full
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str = ""  # comma list or regex; default: the registry's (language model only)
+    train_vision: bool = False  # full fine-tuning: also train the vision tower and projector
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    lr: float = 2e-4
+    lr_scheduler: str = "linear"
+    warmup: float = 0.0  # warmup steps (>= 1) or a fraction of all steps (< 1)
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 1024
+    seed: int = 0
+    save_steps: int = 0  # 0: one checkpoint at the end
+    save_total_limit: int = 2
+    logging_steps: int = 5
+    resume: str = ""  # "" | "auto" (latest checkpoint in output_dir) | a checkpoint folder
+    train_file: str = ""  # override data_dir/bvpi_chat_train.jsonl
+    val_file: str = ""  # override data_dir/bvpi_chat_val.jsonl
+    eval: bool = True  # predict + evaluate the val split at the end
+    eval_limit: int = 0  # 0: the whole val split
+    eval_batch_size: int = 16
+    max_new_tokens: int = 128
+    captions_csv: str = ""  # ground truth for eval; default image_root/complete_captions_sensation.csv
+    annotations_csv: str = ""
+    merge: bool = True  # merge LoRA into the base, save merged/, check generations agree
+    merge_check_samples: int = 4
+    gradient_checkpointing: bool = False
+    num_workers: int = 0
+    figure_name: str = ""  # figures/<name>.png; default sft_loss_<model>
+    trainer: str = ""  # force "trl_sft" or "collator_trainer" (default: the registry's choice)
+
+    @property
+    def model_slug(self) -> str:
+        return Path(str(self.model).rstrip("/")).name.replace("/", "_")
+
+    def resolved_output_dir(self) -> Path:
+        return resolve(self.output_dir or f"runs/{self.model_slug}/sft")
+
+
+@dataclass
+class SFTResult:
+    """What a run produced; ``eval`` is the evaluator's report on the val split (or ``None``)."""
+
+    output_dir: str
+    method: str
+    trainer: str
+    global_step: int
+    train_seconds: float
+    samples_per_second: float
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    token_budget: dict[str, Any] = field(default_factory=dict)
+    trainable_parameters: int = 0
+    merged_dir: str | None = None
+    merge_check: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None
+    loss_curve: str | None = None
+
+
+# --- Data -------------------------------------------------------------------
+
+
+def _split_file(params: SFTParams, split: str) -> Path:
+    override = params.train_file if split == "train" else params.val_file
+    if override:
+        return resolve(override)
+    data_dir = resolve(params.data_dir)
+    for name in (f"bvpi_chat_{split}.jsonl", f"bvpi_sft_{split}.jsonl"):
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise FileNotFoundError(
+        f"{data_dir}: no bvpi_chat_{split}.jsonl or bvpi_sft_{split}.jsonl; build it with "
+        f"`bvip build-dataset --out_dir {params.data_dir}` or pass --{split}_file")
+
+
+def load_split(params: SFTParams, split: str) -> list[dict[str, Any]]:
+    """Records of one split as flat dicts: image, prompt, response (+ the field columns)."""
+    path = _split_file(params, split)
+    records = []
+    for record in read_jsonl(path):
+        flat = {"image": families.record_image_path(record), "prompt": families.record_prompt(record),
+                "response": families.record_response(record)}
+        flat.update({k: record[k] for k in ("sidewalk_pos", "road_pos", "road_vs_sidewalk") if k in record})
+        records.append(flat)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+class FamilyCollator:
+    """Picklable collator: records -> :func:`families.collate_train` batch."""
+
+    def __init__(self, processor: Any, spec: Any, image_root: str | os.PathLike[str], max_length: int | None):
+        self.processor, self.spec, self.image_root, self.max_length = processor, spec, str(image_root), max_length
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        return families.collate_train(self.processor, self.spec, examples, self.image_root, self.max_length)
+
+
+# --- Pre-flight --------------------------------------------------------------
+
+
+class TokenBudgetError(ValueError):
+    """``max_length`` would cut image tokens or the response."""
+
+
+def token_budget(processor: Any, spec: Any, records: list[dict[str, Any]], image_root: str | os.PathLike[str],
+                 max_length: int | None, limit: int = 64) -> dict[str, Any]:
+    """Token counts per sample (image, prompt, response, total) on up to ``limit`` records.
+
+    The longest responses are always included, so the maximum is a real maximum of the
+    responses. Raises :class:`TokenBudgetError` when a sample does not fit ``max_length``.
+    """
+    chosen = sorted(records, key=lambda r: len(r["response"]), reverse=True)[: max(1, limit // 2)]
+    chosen += records[: limit - len(chosen)]
+    counts = [families.sample_token_counts(processor, spec, families.load_record_image(image_root, r),
+                                           r["prompt"], r["response"]) for r in chosen]
+    budget: dict[str, Any] = {"samples_checked": len(counts), "max_length": max_length}
+    for key in ("image_tokens", "prompt_tokens", "response_tokens", "total_tokens"):
+        values = [c[key] for c in counts]
+        budget[key] = {"min": min(values), "median": statistics.median(values), "max": max(values)}
+    if max_length and budget["total_tokens"]["max"] > max_length:
+        worst = max(counts, key=lambda c: c["total_tokens"])
+        raise TokenBudgetError(
+            f"max_length={max_length} is too small: the longest sample needs {worst['total_tokens']} tokens "
+            f"({worst['image_tokens']} image, {worst['prompt_tokens']} prompt incl. image, "
+            f"{worst['response_tokens']} response + end token). Truncating would cut the image tokens or the "
+            f"response; use --max_length {worst['total_tokens'] + 16} or more.")
+    return budget
+
+
+def format_budget(budget: dict[str, Any]) -> str:
+    lines = [f"token budget per sample ({budget['samples_checked']} checked, max_length={budget['max_length']}):"]
+    for key in ("image_tokens", "prompt_tokens", "response_tokens", "total_tokens"):
+        b = budget[key]
+        lines.append(f"  {key:16s} min {b['min']:5}  median {b['median']:7.1f}  max {b['max']:5}")
+    return "\n".join(lines)
+
+
+# --- Model ------------------------------------------------------------------
+
+
+def _target_modules(params: SFTParams, spec: Any) -> Any:
+    raw = params.lora_target_modules or getattr(spec, "lora_target_modules", None)
+    if not raw:
+        raise ValueError(f"{params.model}: the registry lists no LoRA target modules; pass --lora_target_modules")
+    if isinstance(raw, str) and "," in raw:
+        return [s.strip() for s in raw.split(",") if s.strip()]
+    return raw if isinstance(raw, str) else list(raw)
+
+
+def _freeze(model: Any, prefixes: Any) -> int:
+    """Freeze parameters whose name contains any of ``prefixes``; returns how many tensors were frozen."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if any(p in name for p in prefixes or ()):
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
+def prepare_model(params: SFTParams, spec: Any) -> tuple[Any, Any]:
+    """Load the base model and processor and make the right parameters trainable."""
+    import torch
+
+    from bvip_helpers.registry import load_model_and_processor
+
+    if params.method not in METHODS:
+        raise ValueError(f"method {params.method!r}: choose one of {', '.join(METHODS)}")
+    if params.method == "qlora" and not torch.cuda.is_available():
+        raise RuntimeError("QLoRA loads the base model in 4 bit with bitsandbytes, which needs a CUDA GPU. "
+                           "On CPU use --method lora (same adapter, full-precision base).")
+    model, processor = load_model_and_processor(spec, load_in_4bit=params.method == "qlora")
+    if params.method == "full":
+        model.requires_grad_(True)
+        if not params.train_vision:
+            _freeze(model, getattr(spec, "frozen_modules", ()))
+        return model, processor
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if params.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
+    config = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
+                        target_modules=_target_modules(params, spec), bias="none")
+    model = get_peft_model(model, config)  # freezes every base weight, vision tower and projector included
+    return model, processor
+
+
+# --- Training ---------------------------------------------------------------
+
+
+def resolve_spec(model: str) -> Any:
+    """The registry spec; a local tiny twin (``twin_meta.json``) keeps the twin's own image size.
+
+    A local folder inherits its family's hub image budget (e.g. 256-640 Qwen visual tokens),
+    which would blow a twin's 16-token images up to hundreds of tokens.
+    """
+    from dataclasses import replace
+
+    from bvip_helpers.registry import get_spec
+
+    spec = get_spec(model)
+    if spec.is_local and spec.image_budget and (resolve(spec.hub_id) / TWIN_META).is_file():
+        spec = replace(spec, image_budget={})
+    return spec
+
+
+def _trainer_kind(params: SFTParams, spec: Any) -> str:
+    kind = params.trainer or getattr(spec, "trainer", "") or "trl_sft"
+    if kind not in {"trl_sft", "collator_trainer"}:
+        raise ValueError(f"trainer {kind!r}: choose trl_sft or collator_trainer")
+    return kind
+
+
+def _training_args(params: SFTParams, output_dir: Path, kind: str) -> Any:
+    import torch
+
+    common: dict[str, Any] = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.grad_accum, learning_rate=params.lr, num_train_epochs=params.epochs,
+        max_steps=params.max_steps, lr_scheduler_type=params.lr_scheduler, warmup_steps=params.warmup,
+        weight_decay=params.weight_decay, seed=params.seed, data_seed=params.seed,
+        logging_steps=params.logging_steps, logging_first_step=True, report_to="none",
+        save_strategy="steps" if params.save_steps > 0 else "no",
+        save_steps=params.save_steps if params.save_steps > 0 else 500, save_total_limit=params.save_total_limit,
+        remove_unused_columns=False, dataloader_num_workers=params.num_workers,
+        gradient_checkpointing=params.gradient_checkpointing, use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), disable_tqdm=False,
+    )
+    if kind == "trl_sft":
+        from trl import SFTConfig
+
+        # Our collator builds the batches, so TRL must neither tokenize nor truncate the dataset.
+        return SFTConfig(**common, max_length=None, dataset_kwargs={"skip_prepare_dataset": True})
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**common)
+
+
+class _ProcessorBesideCheckpoints:
+    """Save the processor (tokenizer, image processor, chat template) into every checkpoint."""
+
+    def __new__(cls, processor: Any) -> Any:
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if state.is_world_process_zero:
+                    checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                    if checkpoint.is_dir():
+                        processor.save_pretrained(checkpoint)
+                return control
+
+        return Callback()
+
+
+def build_trainer(params: SFTParams, spec: Any, model: Any, processor: Any, train_records: list[dict[str, Any]],
+                  callbacks: list[Any] | None = None) -> Any:
+    from datasets import Dataset
+
+    kind = _trainer_kind(params, spec)
+    output_dir = params.resolved_output_dir()
+    args = _training_args(params, output_dir, kind)
+    collator = FamilyCollator(processor, spec, resolve(params.image_root), params.max_length)
+    dataset = Dataset.from_list(train_records)
+    callbacks = [_ProcessorBesideCheckpoints(processor), *(callbacks or [])]
+    if kind == "trl_sft":
+        from trl import SFTTrainer
+
+        return SFTTrainer(model=model, args=args, data_collator=collator, train_dataset=dataset,
+                          processing_class=processor, callbacks=callbacks)
+    from transformers import Trainer
+
+    return Trainer(model=model, args=args, data_collator=collator, train_dataset=dataset,
+                   processing_class=processor, callbacks=callbacks)
+
+
+def _resume_checkpoint(params: SFTParams) -> str | bool | None:
+    if not params.resume:
+        return None
+    if params.resume == "auto":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        output_dir = params.resolved_output_dir()
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None:
+            print(f"sft: no checkpoint in {output_dir} to resume from; starting fresh")
+        return last
+    path = resolve(params.resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {params.resume}: no such checkpoint folder")
+    return str(path)
+
+
+def train_sft(params: SFTParams, callbacks: list[Any] | None = None) -> SFTResult:
+    """Run one SFT job end to end (see the module docstring for what lands in ``output_dir``)."""
+    from bvip_helpers.nb import seed_everything
+
+    seed_everything(params.seed)
+    spec = resolve_spec(params.model)
+    kind = _trainer_kind(params, spec)
+    train_records = load_split(params, "train")
+    val_records = load_split(params, "val") if params.eval else []
+    model, processor = prepare_model(params, spec)
+
+    image_root = resolve(params.image_root)
+    budget = token_budget(processor, spec, train_records + val_records, image_root, params.max_length)
+    trainer = build_trainer(params, spec, model, processor, train_records, callbacks)
+    main = trainer.is_world_process_zero()
+    if main:
+        print(format_budget(budget))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if main:
+        total = sum(p.numel() for p in model.parameters())
+        print(f"sft: {params.method} via {kind}, {trainable:,} of {total:,} parameters trainable "
+              f"({100 * trainable / max(total, 1):.2f}%)")
+
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=_resume_checkpoint(params))
+    train_seconds = time.perf_counter() - start
+    output_dir = params.resolved_output_dir()
+    result = SFTResult(
+        output_dir=str(output_dir), method=params.method, trainer=kind, global_step=trainer.state.global_step,
+        train_seconds=train_seconds, samples_per_second=float(output.metrics.get("train_samples_per_second", 0.0)),
+        losses=[(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e],
+        token_budget=budget, trainable_parameters=trainable,
+    )
+    trainer.save_model(str(output_dir))  # adapter only for LoRA, the full model otherwise
+    if not main:
+        return result
+    processor.save_pretrained(output_dir)
+    _copy_twin_meta(spec, output_dir)
+    write_json(output_dir / "sft_params.json", {**asdict(params), "family": getattr(spec, "family", None)})
+    result.loss_curve = str(plot_loss_curve(result.losses, output_dir, params.figure_name or
+                                            f"sft_loss_{params.model_slug}"))
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    unwrapped.eval()
+    predictions: list[dict[str, Any]] = []
+    if params.eval:
+        predictions, result.eval = evaluate_val(params, spec, unwrapped, processor, val_records, output_dir)
+    if params.merge and params.method in {"lora", "qlora"}:
+        result.merged_dir, result.merge_check = merge_and_check(params, spec, unwrapped, processor, val_records,
+                                                                output_dir)
+    write_json(output_dir / "sft_result.json", asdict(result))
+    return result
+
+
+# --- After training ---------------------------------------------------------
+
+
+def _copy_twin_meta(spec: Any, target: Path) -> None:
+    """Mark a model trained from a tiny twin as a twin too (see :func:`resolve_spec`)."""
+    source = resolve(spec.hub_id) / TWIN_META if spec.is_local else None
+    if source is not None and source.is_file() and (target / "config.json").is_file():
+        shutil.copyfile(source, target / TWIN_META)
+
+
+def plot_loss_curve(losses: list[tuple[int, float]], output_dir: Path, figure_name: str) -> Path:
+    import matplotlib
+
+    if "ipykernel" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if losses:
+        steps, values = zip(*losses, strict=True)
+        ax.plot(steps, values, marker="o", markersize=3)
+    ax.set(xlabel="optimizer step", ylabel="training loss (response tokens)", title="SFT loss")
+    figure = save_fig(figure_name, fig)
+    target = output_dir / "loss_curve.png"
+    shutil.copyfile(figure, target)
+    plt.close(fig)
+    return target
+
+
+def ground_truth(image_root: str | os.PathLike[str], captions_csv: str = "", annotations_csv: str = "") -> Any:
+    """The evaluator's ground truth from the two CSVs (default: beside the images, as `bvip synth` writes)."""
+    from bvip_helpers.dataset import load_ground_truth
+
+    image_root = resolve(image_root)
+    captions = resolve(captions_csv) if captions_csv else image_root / CAPTIONS_CSV
+    annotations = resolve(annotations_csv) if annotations_csv else image_root / ANNOTATIONS_CSV
+    return load_ground_truth(captions, annotations)
+
+
+def predict_and_evaluate(model: Any, processor: Any, spec: Any, records: list[dict[str, Any]],
+                         image_root: str | os.PathLike[str], split: str, truth: Any, preds_path: Path, *,
+                         name: str = "model", batch_size: int = 16, max_new_tokens: int = 128) -> tuple[list, dict]:
+    """Greedy batched captions for ``records`` (fresh file) scored on ``split`` -> (predictions, report).
+
+    Only the captioned images are scored, so a subset gives a fair (not a zero-padded) figure.
+    """
+    from bvip_helpers.evaluate import evaluate_predictions
+    from bvip_helpers.predict import LoadedModel, predict
+
+    preds_path = Path(preds_path)
+    preds_path.unlink(missing_ok=True)  # a fresh model: never resume stale captions
+    predict(LoadedModel(model, processor, spec, name=name), records, resolve(image_root), preds_path,
+            batch_size=batch_size, max_new_tokens=max_new_tokens, progress=False)
+    predictions = read_jsonl(preds_path)
+    wanted = {Path(r["image"]).name for r in records}
+    names = truth["image_path"].map(lambda p: Path(str(p)).name)
+    truth = truth[names.isin(wanted) | (truth["split"] != split)]  # other splits stay for the baselines
+    return predictions, evaluate_predictions(predictions, truth, split, pred_file=str(preds_path))
+
+
+def evaluate_val(params: SFTParams, spec: Any, model: Any, processor: Any, val_records: list[dict[str, Any]],
+                 output_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Greedy batched captions for the val split, scored by the evaluator -> ``eval_val.json``."""
+    records = val_records[: params.eval_limit] if params.eval_limit else val_records
+    truth = ground_truth(params.image_root, params.captions_csv, params.annotations_csv)
+    predictions, report = predict_and_evaluate(
+        model, processor, spec, records, params.image_root, "val", truth, output_dir / "preds_val.jsonl",
+        name=params.model_slug, batch_size=params.eval_batch_size, max_new_tokens=params.max_new_tokens)
+    write_json(output_dir / "eval_val.json", report)
+    return predictions, report
+
+
+def load_trained(model: str, adapter: str | os.PathLike[str] | None = None) -> tuple[Any, Any, Any]:
+    """(model, processor, spec) of a base model plus an optional SFT adapter folder, ready to generate."""
+    from bvip_helpers.registry import load_model_and_processor
+
+    spec = resolve_spec(model)
+    loaded, processor = load_model_and_processor(spec, adapter=str(resolve(adapter)) if adapter else None)
+    return loaded.eval(), processor, spec
+
+
+def merge_and_check(params: SFTParams, spec: Any, model: Any, processor: Any, val_records: list[dict[str, Any]],
+                    output_dir: Path) -> tuple[str, dict[str, Any]]:
+    """Merge LoRA into the base, save ``merged/``, reload it and compare greedy captions with the adapter's."""
+    import torch
+
+    records = val_records[: params.merge_check_samples] or load_split(params, "train")[: params.merge_check_samples]
+    image_root = resolve(params.image_root)
+    images = [families.load_record_image(image_root, r) for r in records]
+    prompts = [r["prompt"] for r in records]
+    with torch.no_grad():
+        adapter_texts = families.generate_captions(model, processor, spec, images, prompts, params.max_new_tokens)
+    merged = model.merge_and_unload()
+    merged_dir = output_dir / "merged"
+    merged.save_pretrained(merged_dir, safe_serialization=True)
+    processor.save_pretrained(merged_dir)
+    _copy_twin_meta(spec, merged_dir)
+    reloaded = type(merged).from_pretrained(merged_dir, use_safetensors=True)
+    reloaded.eval()
+    merged_texts = families.generate_captions(reloaded, processor, spec, images, prompts, params.max_new_tokens)
+    check = {"samples": len(records), "identical": adapter_texts == merged_texts,
+             "adapter": adapter_texts, "merged": merged_texts}
+    if not check["identical"]:
+        print("sft: WARNING merged model and adapter generate different captions; see sft_result.json")
+    return str(merged_dir), check
+
+
+# --- CPU demo: a tiny twin that starts out like a real base model ----------------
+
+#: settings of the CPU demo (notebook 03 and benchmarks/bench_sft.py), tuned on data/synthetic.
+#: The twin's vision tower starts random, so the demo's LoRA also adapts it (qkv/proj/fc1/fc2 of model.visual).
+DEMO = {"pretrain_steps": 300, "pretrain_lr": 3e-3, "sft_steps": 600, "lr": 3e-3, "lora_r": 64, "batch_size": 8,
+        "num_workers": 0,
+        "lora_target_modules": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+                               r"|visual\.(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))|merger\.mlp\.(0|2)))"}
+
+
+def write_caption_pretrain_files(captions_csv: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                                 prompt: str | None = None) -> dict[str, Path]:
+    """``pretrain_{train,val}.jsonl``: the BVIP prompt answered with the ORIGINAL caption (``target``).
+
+    A tiny twin starts from random weights; trained on these it becomes a generic captioner that,
+    like a real base model, writes plain captions and misses the mandatory fields zero-shot.
+    """
+    import pandas as pd
+
+    from bvip_helpers.io import write_jsonl
+    from bvip_helpers.schema import DEFAULT_PROMPT
+
+    frame = pd.read_csv(captions_csv)
+    missing = {"image_path", "target", "split"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"{captions_csv}: missing column(s) {sorted(missing)}")
+    frame = frame[frame["target"].notna() & (frame["target"].astype(str).str.strip() != "")]
+    out_dir = Path(out_dir)
+    paths = {}
+    for split in ("train", "val"):
+        rows = frame[frame["split"] == split]
+        paths[split] = out_dir / f"pretrain_{split}.jsonl"
+        write_jsonl(paths[split], ({"image": r.image_path, "prompt": prompt or DEFAULT_PROMPT,
+                                    "response": str(r.target).strip()} for r in rows.itertuples()))
+    return paths
+
+
+def pretrain_twin_base(model: str, image_root: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                       max_steps: int, lr: float = 1e-3, batch_size: int = 8, seed: int = 0,
+                       captions_csv: str | os.PathLike[str] | None = None, max_length: int = 1024,
+                       force: bool = False) -> Path:
+    """Full fine-tune (vision included) a tiny twin on the original captions; cached in ``out_dir``.
+
+    A rerun with the same settings returns the cached base without training.
+    """
+    out_dir = resolve(out_dir)
+    image_root = resolve(image_root)
+    captions_csv = resolve(captions_csv) if captions_csv else image_root / CAPTIONS_CSV
+    meta = resolve(model) / TWIN_META
+    settings = {"model": str(model), "captions_csv": str(captions_csv), "max_steps": max_steps, "lr": lr,
+                "batch_size": batch_size, "seed": seed,  # a rebuilt twin (new fingerprint) invalidates the cache
+                "twin": json.loads(meta.read_text()).get("fingerprint") if meta.is_file() else None}
+    stamp = out_dir / "pretrain_settings.json"
+    if not force and stamp.is_file() and json.loads(stamp.read_text()) == settings \
+            and (out_dir / "model.safetensors").is_file():
+        print(f"pretrain: cached base in {out_dir}")
+        return out_dir
+    data_dir = out_dir.with_name(out_dir.name + "-data")
+    files = write_caption_pretrain_files(captions_csv, data_dir)
+    train_sft(SFTParams(model=str(model), data_dir=str(data_dir), image_root=str(image_root),
+                        output_dir=str(out_dir), method="full", train_vision=True, max_steps=max_steps, lr=lr,
+                        batch_size=batch_size, seed=seed, train_file=str(files["train"]), val_file=str(files["val"]),
+                        eval=False, merge=False, max_length=max_length, logging_steps=max(1, max_steps // 20),
+                        lr_scheduler="cosine", figure_name=f"pretrain_loss_{Path(str(model)).name}"))
+    write_json(stamp, settings)
+    return out_dir
+
+
+# --- CLI --------------------------------------------------------------------
+
+
+def configure_cli(parser: argparse.ArgumentParser) -> None:
+    defaults = SFTParams()
+    for f in fields(SFTParams):
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in {"1", "true", "yes"}, default=default,
+                                metavar="BOOL", help=f"(default {default})")
+        else:
+            parser.add_argument(f"--{f.name}", type=type(default), default=default, help=f"(default {default!r})")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    params = SFTParams(**{f.name: getattr(args, f.name) for f in fields(SFTParams)})
+    try:
+        result = train_sft(params)
+    except (TokenBudgetError, FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"bvip sft: {err}", file=sys.stderr)
+        return 2
+    if result.eval:
+        print(json.dumps({"presence": result.eval["presence"], "accuracy": result.eval["accuracy"]}, indent=2))
+    print(f"sft: {result.global_step} steps in {result.train_seconds:.1f}s -> {result.output_dir}")
+    return 0

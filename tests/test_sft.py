@@ -1,0 +1,241 @@
+"""SFT: pre-flight budget, one step per family, resume equivalence, merge equivalence, launchers, notebook."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+from safetensors.torch import load_file  # noqa: E402
+
+from bvip_helpers import sft, twins  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> Path:
+    """data/sample built into chat JSONL (the committed 60-scene sample)."""
+    if not (SAMPLE / "complete_captions_sensation.csv").is_file():
+        pytest.skip("data/sample not found")
+    from bvip_helpers.dataset import build_dataset
+
+    out = tmp_path_factory.mktemp("bvpi_sample")
+    build_dataset(SAMPLE / "complete_captions_sensation.csv", SAMPLE / "annotations_with_obj_pos.csv", out,
+                  image_root=SAMPLE, show_progress=False)
+    return out
+
+
+_TWINS: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def twin_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sft_twins")
+
+
+def twin(family: str, root: Path, data_dir: Path) -> Path:
+    if family not in _TWINS:
+        _TWINS[family] = twins.build_tiny_model(family, root / family, data_dir=data_dir, seed=0)
+    return _TWINS[family]
+
+
+def params(model: Path, data: Path, out: Path, **overrides) -> sft.SFTParams:
+    base = dict(model=str(model), data_dir=str(data), image_root=str(SAMPLE), output_dir=str(out), batch_size=2,
+                max_steps=2, lr=5e-3, logging_steps=1, eval=False, merge=False, seed=0, max_length=1024,
+                figure_name="test_sft_loss")
+    base.update(overrides)
+    return sft.SFTParams(**base)
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_preflight_refuses_a_max_length_that_cuts_tokens(sample_data, twin_root, tmp_path):
+    model = twin("qwen2-vl", twin_root, sample_data)
+    p = params(model, sample_data, tmp_path / "run", max_length=64)
+    with pytest.raises(sft.TokenBudgetError, match=r"max_length=64 is too small.*image.*response"):
+        sft.train_sft(p)
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+    # the CLI turns it into a clear message and exit code 2
+    result = subprocess.run([sys.executable, "-m", "bvip_helpers", "sft", "--model", str(model), "--data_dir",
+                             str(sample_data), "--image_root", str(SAMPLE), "--output_dir", str(tmp_path / "cli"),
+                             "--max_length", "64", "--eval", "false"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "too small" in result.stderr
+
+
+def test_token_budget_reports_min_median_max(sample_data, twin_root):
+    from bvip_helpers.registry import load_model_and_processor
+
+    spec = sft.resolve_spec(str(twin("qwen2-vl", twin_root, sample_data)))
+    _, processor = load_model_and_processor(spec)
+    records = sft.load_split(params("x", sample_data, Path("unused")), "train")
+    budget = sft.token_budget(processor, spec, records, SAMPLE, max_length=2048, limit=8)
+    assert budget["image_tokens"]["min"] > 0  # the twin keeps its own small image budget
+    assert budget["image_tokens"]["max"] < 100
+    for key in ("image_tokens", "prompt_tokens", "response_tokens", "total_tokens"):
+        assert budget[key]["min"] <= budget[key]["median"] <= budget[key]["max"]
+    assert "median" in sft.format_budget(budget)
+
+
+def test_qlora_needs_cuda_with_a_clear_message(sample_data, twin_root, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    p = params(twin("qwen2-vl", twin_root, sample_data), sample_data, tmp_path, method="qlora")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        sft.train_sft(p)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(twins.FAMILIES))
+def test_one_sft_step_per_family(family, sample_data, twin_root, tmp_path):
+    model = twin(family, twin_root, sample_data)
+    result = sft.train_sft(params(model, sample_data, tmp_path / "run", max_steps=1, max_length=2048))
+    spec = sft.resolve_spec(str(model))
+    assert result.trainer == spec.trainer
+    assert result.global_step == 1
+    assert result.losses and all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
+    tensors = adapter_tensors(tmp_path / "run")
+    assert any("lora_B" in k and t.abs().sum() > 0 for k, t in tensors.items()), "LoRA B never moved"
+    assert not any("visual" in k or "vision" in k for k in tensors), "the vision tower must stay frozen"
+    assert (tmp_path / "run" / "loss_curve.png").is_file()
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+def _kill_after_save(step: int):
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step >= step:
+                raise _Killed(f"simulated kill after the checkpoint of step {step}")
+
+    return Kill()
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_ends_with_the_same_adapter(sample_data, twin_root, tmp_path):
+    model = twin("qwen2-vl", twin_root, sample_data)
+    straight = params(model, sample_data, tmp_path / "straight", max_steps=6, save_steps=3, lora_dropout=0.1)
+    sft.train_sft(straight)
+    killed = params(model, sample_data, tmp_path / "killed", max_steps=6, save_steps=3, lora_dropout=0.1)
+    with pytest.raises(_Killed):
+        sft.train_sft(killed, callbacks=[_kill_after_save(3)])
+    assert (tmp_path / "killed" / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "killed" / "checkpoint-3" / "chat_template.jinja").is_file()  # processor beside it
+    assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
+    killed.resume = "auto"
+    result = sft.train_sft(killed)
+    assert result.global_step == 6
+    a, b = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    # and the check can fail: a different seed gives a different adapter
+    other = params(model, sample_data, tmp_path / "other", max_steps=6, seed=1, lora_dropout=0.1)
+    sft.train_sft(other)
+    c = adapter_tensors(tmp_path / "other")
+    assert any(not torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.slow
+def test_merged_model_generates_like_the_adapter_and_eval_is_written(sample_data, twin_root, tmp_path):
+    model = twin("qwen2-vl", twin_root, sample_data)
+    out = tmp_path / "run"
+    result = sft.train_sft(params(model, sample_data, out, max_steps=8, lr=1e-2, merge=True, eval=True,
+                                  eval_limit=4, max_new_tokens=24, captions_csv=str(SAMPLE / sft.CAPTIONS_CSV),
+                                  annotations_csv=str(SAMPLE / sft.ANNOTATIONS_CSV)))
+    assert result.merge_check["identical"], result.merge_check
+    assert any(result.merge_check["adapter"]), "the adapter generated nothing; the comparison would be empty"
+    merged = Path(result.merged_dir)
+    assert (merged / "model.safetensors").is_file() and (merged / "chat_template.jinja").is_file()
+    report = json.loads((out / "eval_val.json").read_text())
+    assert report["split"] == "val" and set(report["presence"]) == {"sidewalk_pos", "road_pos", "road_vs_sidewalk"}
+    assert len((out / "preds_val.jsonl").read_text().splitlines()) == 4
+    # the merged folder is a model the registry can load again (family from config.json)
+    assert sft.resolve_spec(str(merged)).family == "qwen2-vl"
+
+
+@pytest.mark.slow
+def test_full_finetune_keeps_the_vision_tower_frozen_unless_asked(sample_data, twin_root, tmp_path):
+    from bvip_helpers.registry import load_model_and_processor
+
+    model = twin("qwen2-vl", twin_root, sample_data)
+    sft.train_sft(params(model, sample_data, tmp_path / "full", method="full", max_steps=2))
+    before, _ = load_model_and_processor(sft.resolve_spec(str(model)))
+    after, _ = load_model_and_processor(sft.resolve_spec(str(tmp_path / "full")))
+    b, a = dict(before.named_parameters()), dict(after.named_parameters())
+    assert all(torch.equal(b[n], a[n]) for n in b if n.startswith("model.visual"))
+    assert any(not torch.equal(b[n], a[n]) for n in b if "language_model" in n)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(sample_data, twin_root, tmp_path):
+    if shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists():
+        pytest.skip("accelerate CLI not installed")
+    launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    model = twin("qwen2-vl", twin_root, sample_data)
+    out = tmp_path / "ddp"
+    cmd = [launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "bvip_helpers", "sft", "--model", str(model),
+           "--data_dir", str(sample_data), "--image_root", str(SAMPLE), "--output_dir", str(out),
+           "--max_steps", "2", "--batch_size", "1", "--eval", "false", "--merge", "false", "--logging_steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BVIP_ROOT": str(REPO)}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((out / "sft_result.json").read_text())
+    assert state["global_step"] == 2
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_accelerate_configs_are_shipped_and_valid():
+    import yaml
+
+    configs = REPO / "bvip_helpers" / "configs"
+    for name in ("ddp", "fsdp", "zero2", "zero3"):
+        config = yaml.safe_load((configs / f"accelerate_{name}.yaml").read_text())
+        assert config["distributed_type"] in {"MULTI_GPU", "FSDP", "DEEPSPEED"}
+        if name.startswith("zero"):
+            ds_file = REPO / config["deepspeed_config"]["deepspeed_config_file"]
+            assert json.loads(ds_file.read_text())["zero_optimization"]["stage"] == int(name[-1])
+
+
+@pytest.mark.slow
+def test_notebook_03_smoke_runs_headless(tmp_path):
+    papermill = pytest.importorskip("papermill")
+    if not (SAMPLE / "complete_captions_sensation.csv").is_file():
+        pytest.skip("data/sample not found")
+    out = tmp_path / "03_sft.ipynb"
+    runs = tmp_path / "runs"
+    papermill.execute_notebook(str(REPO / "notebooks" / "03_sft.ipynb"), str(out), kernel_name="python3",
+                               parameters={"SMOKE": True, "model": "tiny-qwen2-vl", "runs_dir": str(runs)},
+                               cwd=str(REPO / "notebooks"), progress_bar=False)
+    sft_dir = runs / "tiny-qwen2-vl" / "sft"
+    report = json.loads((sft_dir / "eval_val.json").read_text())
+    assert report["split"] == "val" and report["n"] > 0
+    assert (sft_dir / "adapter_model.safetensors").is_file() and (sft_dir / "loss_curve.png").is_file()
+    assert json.loads((sft_dir / "sft_result.json").read_text())["merge_check"]["identical"]
