@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bvip_helpers import families, sft, twins
+from bvip_helpers import families, registry, sft, twins
 from bvip_helpers.io import read_jsonl, resolve, write_json
 
 TARGETS = {"presence": 1.0, "accuracy": 0.95, "near_recall": 0.90, "near_precision": 0.90, "sft_minutes": 10.0}
@@ -52,7 +52,7 @@ def summary(report: dict) -> dict:
 
 def step_time_ratio(params: sft.SFTParams, steps: int = 8) -> dict:
     """Trainer seconds per step vs a raw forward+backward on the same batch (same model, same data)."""
-    spec = sft.resolve_spec(params.model)
+    spec = registry.get_spec(params.model)
     model, processor = sft.prepare_model(params, spec)
     records = sft.load_split(params, "train")
     probe = sft.SFTParams(**{**params.__dict__, "output_dir": str(resolve("runs/benchmarks/sft_step_probe")),

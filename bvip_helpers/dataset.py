@@ -385,7 +385,10 @@ def load_ground_truth(captions_csv: str | Path, annotations_csv: str | Path,
 def _map_unique(values: pd.Series, fn: Any) -> pd.Series:
     """Apply ``fn`` once per distinct value (the columns have few of them)."""
     codes, uniques = pd.factorize(values, use_na_sentinel=False)
-    mapped = np.array([fn(u) for u in uniques], dtype=object)
+    # Filled one by one: np.array() would turn equal-length list results into a 2-D array.
+    mapped = np.empty(len(uniques), dtype=object)
+    for i, unique in enumerate(uniques):
+        mapped[i] = fn(unique)
     return pd.Series(mapped[codes] if len(codes) else [], index=values.index, dtype=object)
 
 

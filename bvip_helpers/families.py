@@ -20,6 +20,8 @@ Family rules (the ``family`` of a registry :class:`ModelSpec`):
   processor's ``suffix=`` builds; the suffix is causal, so labels cannot leak.
 * Florence-2: encoder-decoder; the prompt feeds the encoder, the response is the decoder target.
 * BLIP: the caption itself is the decoder sequence; only its first token (the decoder BOS) is masked.
+  That first token is ``[DEC]`` (the tokenizer's BOS, ``text_config.bos_token_id``), as BLIP's
+  ``generate()`` writes it over the processor's ``[CLS]``; ``forward()`` does not, so the collator does.
 """
 
 from __future__ import annotations
@@ -183,6 +185,8 @@ def _collate_causal(processor: Any, spec: Any, images: list[Any], prompts: list[
             enc = _call_processor(processor, texts, images)
         prompt_rows = _unpadded_rows(enc)
         prompt_rows = [_drop_trailing(row, _tokenizer(processor).sep_token_id) for row in prompt_rows]
+        bos = decoder_bos_id(processor)
+        prompt_rows = [_Row([bos, *row.ids[1:]], row.labels, row.extras) for row in prompt_rows]
     else:
         texts = [format_prompt(processor, spec, p) for p in prompts]
         with padding_side(processor, "right"):
@@ -235,6 +239,19 @@ def _unpadded_rows(enc: Any) -> list[_Row]:
         keep = mask[i].bool()
         rows.append(_Row(ids[i][keep].tolist(), [], {k: enc[k][i][keep].tolist() for k in per_token}))
     return rows
+
+
+def decoder_bos_id(processor: Any) -> int:
+    """BLIP's decoder start token (``[DEC]``): what ``generate()`` puts first, so training must start with it too.
+
+    :func:`bvip_helpers.registry.load_model_and_processor` makes the tokenizer's BOS the model's
+    ``text_config.bos_token_id``.
+    """
+    bos = _tokenizer(processor).bos_token_id
+    if bos is None:
+        raise ValueError("the BLIP tokenizer has no bos_token ([DEC]); load it with "
+                         "bvip_helpers.registry.load_model_and_processor, which sets it from the model config")
+    return bos
 
 
 def _drop_trailing(row: _Row, token_id: int | None) -> _Row:
@@ -345,6 +362,8 @@ def generate_captions(model: Any, processor: Any, spec: Any, images: list[Any], 
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     if getattr(model.generation_config, "pad_token_id", None) is None and getattr(spec, "family", "") != "blip":
         generate_kwargs.setdefault("pad_token_id", _pad_id(processor))  # silences the open-end warning
+    # BLIP's generate() writes its BOS into input_ids in place; decode_generated needs the ids as they were.
+    model_inputs = {k: v.clone() if k == "input_ids" else v for k, v in inputs.items()}
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
+        output = model.generate(**model_inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
     return decode_generated(processor, spec, output, inputs)

@@ -55,7 +55,7 @@ class ModelSpec:
     trainer: str  # "trl_sft" | "collator_trainer" | "export"
     lora_target_modules: str | None  # PEFT regex (full match) over module names
     frozen_modules: tuple[str, ...]  # module-name prefixes kept frozen even in full fine-tuning
-    image_budget: dict[str, Any] = field(default_factory=dict)  # kwargs for AutoProcessor.from_pretrained
+    image_budget: dict[str, Any] = field(default_factory=dict)  # image/video processor settings, see load_processor
     image_note: str = ""  # fixed input size etc., for people
     recipes: dict[str, Recipe] = field(default_factory=dict)  # "16gb" / "80gb" / "cpu"
     trust_remote_code_needed: bool = False
@@ -138,16 +138,17 @@ def _hf(name: str, hub_id: str, family: str, model_class: str, processor_class: 
     )
 
 
+#: Qwen's min/max_pixels as transformers 5 spells them (256-640 visual tokens of 28x28 pixels).
+_QWEN_PIXELS = {"size": {"shortest_edge": 256 * 28 * 28, "longest_edge": 640 * 28 * 28}}
+
 # 16 GB recipes use fp16 because the common 16 GB card (Colab T4) has no bf16.
 _HF_NATIVE: list[ModelSpec] = [
     _hf("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct", "qwen2-vl", "Qwen2VLForConditionalGeneration",
-        "Qwen2VLProcessor", "apache-2.0", image_budget={"min_pixels": 256 * 28 * 28, "max_pixels": 640 * 28 * 28},
-        image_note="dynamic resolution; 256-640 visual tokens", r16=_r(1, 16, "fp16", True), r80=_r(8, 2, "bf16"),
+        "Qwen2VLProcessor", "apache-2.0", image_budget=_QWEN_PIXELS, image_note="dynamic resolution; 256-640 visual tokens", r16=_r(1, 16, "fp16", True), r80=_r(8, 2, "bf16"),
         notes="HF-first baseline; TRL cookbook recipe."),
     _hf("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration",
         "Qwen2_5_VLProcessor", "qwen-research (non-commercial)",
-        image_budget={"min_pixels": 256 * 28 * 28, "max_pixels": 640 * 28 * 28},
-        image_note="dynamic resolution; 256-640 visual tokens", r16=_r(1, 16, "fp16", True), r80=_r(8, 2, "bf16"),
+        image_budget=_QWEN_PIXELS, image_note="dynamic resolution; 256-640 visual tokens", r16=_r(1, 16, "fp16", True), r80=_r(8, 2, "bf16"),
         notes="Used by the DPO weak-to-strong seed pipeline."),
     _hf("smolvlm2-2.2b", "HuggingFaceTB/SmolVLM2-2.2B-Instruct", "smolvlm", "SmolVLMForConditionalGeneration",
         "SmolVLMProcessor", "apache-2.0", image_budget={"size": {"longest_edge": 768}},
@@ -197,6 +198,10 @@ FAMILY_REFERENCE: dict[str, str] = {
 }
 DEFAULT_MODEL = "tiny-qwen2-vl"
 TINY_DIR = "runs/models"
+#: the tiny Qwen2-VL twin pre-trained as a generic captioner (notebook 03, benchmarks/bench_sft.py).
+TINY_BASE = "tiny-qwen2-vl-base"
+#: written by ``bvip_helpers.twins`` into every twin (and copied by sft into models trained from one).
+TWIN_META_FILE = "twin_meta.json"
 
 
 def _tiny(reference: ModelSpec) -> ModelSpec:
@@ -234,11 +239,20 @@ _EXPORT_ONLY: list[ModelSpec] = [
             "bvpi_sft_*.jsonl (image/prompt/response); no bvip exporter. Prefer janus-pro-1b for the HF pipeline."),
 ]
 
+
+def _tiny_base() -> ModelSpec:
+    twin = _tiny(next(s for s in _HF_NATIVE if s.name == FAMILY_REFERENCE["qwen2-vl"]))
+    return replace(twin, name=TINY_BASE, hub_id=f"{TINY_DIR}/{TINY_BASE}", licence="n/a (local, synthetic captions)",
+                   notes="tiny-qwen2-vl pre-trained as a generic captioner on the original captions (the base the "
+                   "SFT demo fine-tunes); built and cached by notebook 03 or `python benchmarks/bench_sft.py`.")
+
+
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
         *_HF_NATIVE,
         *(_tiny(s) for s in _HF_NATIVE if s.name in FAMILY_REFERENCE.values()),
+        _tiny_base(),
         *_EXPORT_ONLY,
     ]
 }
@@ -275,8 +289,13 @@ def _spec_from_dir(path: Path) -> ModelSpec:
         )
     reference = MODELS[FAMILY_REFERENCE[family]]
     architectures = config.get("architectures") or [reference.model_class]
-    return replace(reference, name=path.name, hub_id=str(path), model_class=architectures[0],
+    spec = replace(reference, name=path.name, hub_id=str(path), model_class=architectures[0],
                    licence="see the source checkpoint", notes=f"local dir; family inferred from {model_type!r}")
+    if (path / TWIN_META_FILE).is_file():
+        # A tiny twin (or a model trained from one) keeps its own image size: the real model's budget
+        # (e.g. 256-640 Qwen visual tokens) would blow its 12-token images up to hundreds of tokens.
+        spec = replace(spec, image_budget={})
+    return spec
 
 
 def get_spec(name_or_path: str | os.PathLike[str] | ModelSpec) -> ModelSpec:
@@ -338,8 +357,12 @@ def model_source(spec: ModelSpec) -> str:
         return spec.hub_id
     path = resolve(spec.hub_id)
     if not (path / "config.json").is_file():
-        hint = (f"build it with `bvip tiny-model --family {spec.family}`" if spec.name.startswith("tiny-")
-                else "check the path")
+        if spec.name == TINY_BASE:
+            hint = "build it by running notebooks/03_sft.ipynb or `python benchmarks/bench_sft.py`"
+        elif spec.name.startswith("tiny-"):
+            hint = f"build it with `bvip tiny-model --family {spec.family}`"
+        else:
+            hint = "check the path"
         raise FileNotFoundError(f"model directory {path} not found or has no config.json; {hint}")
     return str(path)
 
@@ -374,11 +397,51 @@ def load_model_and_processor(spec: ModelSpec | str, *, adapter: str | os.PathLik
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = model_cls.from_pretrained(source, **kwargs)
-    processor = transformers.AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                                           **spec.image_budget)
+    processor = load_processor(source, spec.image_budget, trust_remote_code=trust_remote_code)
+    if spec.family == "blip":
+        _sync_decoder_bos(model, processor)
     if adapter is not None:
         model = _load_adapter(model, Path(adapter))
     return model, processor
+
+
+def load_processor(source: str | os.PathLike[str], image_budget: dict[str, Any] | None = None, *,
+                   trust_remote_code: bool = False) -> Any:
+    """``AutoProcessor.from_pretrained(source)`` with ``image_budget`` set on its image (and video) processor.
+
+    The budget is deliberately not passed to ``from_pretrained``: transformers also hands those kwargs to
+    the tokenizer, which replays them on every processor call (Qwen's ``min_pixels``/``max_pixels`` then
+    print a FutureWarning each time), and a checkpoint whose ``preprocessor_config.json`` still holds
+    ``min_pixels``/``max_pixels`` (the Qwen hub repos) would override a ``size=`` kwarg while loading.
+    Rebuilding each sub-processor from its own settings plus the budget avoids both.
+    """
+    import copy
+
+    import transformers
+
+    processor = transformers.AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    used: set[str] = set()
+    for name in ("image_processor", "video_processor"):
+        sub = getattr(processor, name, None)
+        valid = getattr(getattr(sub, "valid_kwargs", None), "__annotations__", {})
+        settings = {k: copy.deepcopy(v) for k, v in (image_budget or {}).items() if k in valid}
+        if settings:  # deep copies: transformers edits size dicts in place
+            setattr(processor, name, type(sub).from_dict(sub.to_dict(), **settings))
+            used |= set(settings)
+    unknown = set(image_budget or {}) - used
+    if unknown:
+        raise ValueError(f"image budget key(s) {sorted(unknown)} are not settings of the image processor of "
+                         f"{source} ({type(getattr(processor, 'image_processor', None)).__name__})")
+    return processor
+
+
+def _sync_decoder_bos(model: Any, processor: Any) -> None:
+    """BLIP generates from ``text_config.bos_token_id`` (``[DEC]``): make it the tokenizer's BOS, which the
+    training collator puts first (:func:`bvip_helpers.families.decoder_bos_id`)."""
+    bos = model.config.text_config.bos_token_id
+    tok = processor.tokenizer
+    if bos is not None and tok.bos_token_id != bos:
+        tok.bos_token = tok.convert_ids_to_tokens(bos)
 
 
 def _load_adapter(model: Any, adapter_dir: Path) -> Any:

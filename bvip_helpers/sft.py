@@ -36,10 +36,10 @@ from typing import Any
 
 from bvip_helpers import families
 from bvip_helpers.io import read_jsonl, resolve, save_fig, write_json
+from bvip_helpers.registry import TWIN_META_FILE, get_spec
 
 METHODS = ("lora", "qlora", "full")
 CAPTIONS_CSV = "complete_captions_sensation.csv"
-TWIN_META = "twin_meta.json"  # written by bvip_helpers.twins
 ANNOTATIONS_CSV = "annotations_with_obj_pos.csv"
 
 
@@ -245,22 +245,6 @@ def prepare_model(params: SFTParams, spec: Any) -> tuple[Any, Any]:
 # --- Training ---------------------------------------------------------------
 
 
-def resolve_spec(model: str) -> Any:
-    """The registry spec; a local tiny twin (``twin_meta.json``) keeps the twin's own image size.
-
-    A local folder inherits its family's hub image budget (e.g. 256-640 Qwen visual tokens),
-    which would blow a twin's 16-token images up to hundreds of tokens.
-    """
-    from dataclasses import replace
-
-    from bvip_helpers.registry import get_spec
-
-    spec = get_spec(model)
-    if spec.is_local and spec.image_budget and (resolve(spec.hub_id) / TWIN_META).is_file():
-        spec = replace(spec, image_budget={})
-    return spec
-
-
 def _trainer_kind(params: SFTParams, spec: Any) -> str:
     kind = params.trainer or getattr(spec, "trainer", "") or "trl_sft"
     if kind not in {"trl_sft", "collator_trainer"}:
@@ -353,7 +337,7 @@ def train_sft(params: SFTParams, callbacks: list[Any] | None = None) -> SFTResul
     from bvip_helpers.nb import seed_everything
 
     seed_everything(params.seed)
-    spec = resolve_spec(params.model)
+    spec = get_spec(params.model)
     kind = _trainer_kind(params, spec)
     train_records = load_split(params, "train")
     val_records = load_split(params, "val") if params.eval else []
@@ -405,10 +389,10 @@ def train_sft(params: SFTParams, callbacks: list[Any] | None = None) -> SFTResul
 
 
 def _copy_twin_meta(spec: Any, target: Path) -> None:
-    """Mark a model trained from a tiny twin as a twin too (see :func:`resolve_spec`)."""
-    source = resolve(spec.hub_id) / TWIN_META if spec.is_local else None
+    """Mark a model trained from a tiny twin as a twin too (so it keeps the twin's image size, see get_spec)."""
+    source = resolve(spec.hub_id) / TWIN_META_FILE if spec.is_local else None
     if source is not None and source.is_file() and (target / "config.json").is_file():
-        shutil.copyfile(source, target / TWIN_META)
+        shutil.copyfile(source, target / TWIN_META_FILE)
 
 
 def plot_loss_curve(losses: list[tuple[int, float]], output_dir: Path, figure_name: str) -> Path:
@@ -477,7 +461,7 @@ def load_trained(model: str, adapter: str | os.PathLike[str] | None = None) -> t
     """(model, processor, spec) of a base model plus an optional SFT adapter folder, ready to generate."""
     from bvip_helpers.registry import load_model_and_processor
 
-    spec = resolve_spec(model)
+    spec = get_spec(model)
     loaded, processor = load_model_and_processor(spec, adapter=str(resolve(adapter)) if adapter else None)
     return loaded.eval(), processor, spec
 
@@ -512,15 +496,21 @@ def merge_and_check(params: SFTParams, spec: Any, model: Any, processor: Any, va
 
 #: settings of the CPU demo (notebook 03 and benchmarks/bench_sft.py), tuned on data/synthetic.
 #: The twin's vision tower starts random, so the demo's LoRA also adapts it (qkv/proj/fc1/fc2 of model.visual).
-DEMO = {"pretrain_steps": 300, "pretrain_lr": 3e-3, "sft_steps": 600, "lr": 3e-3, "lora_r": 64, "batch_size": 8,
+# lr 3e-3 leaves the tiny twin predicting the majority value whatever the image: it learns the text
+# prior and never starts attending to the image tokens. At 1e-3 it grounds within a few hundred steps.
+DEMO = {"pretrain_steps": 600, "pretrain_lr": 1e-3, "sft_steps": 400, "lr": 1e-3, "lora_r": 64, "batch_size": 16,
         "num_workers": 0,
         "lora_target_modules": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
                                r"|visual\.(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))|merger\.mlp\.(0|2)))"}
 
 
+#: What a generic captioner is asked during pre-training; the BVIP instruction is new to it at SFT time.
+GENERIC_CAPTION_PROMPT = "Describe this image."
+
+
 def write_caption_pretrain_files(captions_csv: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                                  prompt: str | None = None) -> dict[str, Path]:
-    """``pretrain_{train,val}.jsonl``: the BVIP prompt answered with the ORIGINAL caption (``target``).
+    """``pretrain_{train,val}.jsonl``: a generic prompt answered with the ORIGINAL caption (``target``).
 
     A tiny twin starts from random weights; trained on these it becomes a generic captioner that,
     like a real base model, writes plain captions and misses the mandatory fields zero-shot.
@@ -528,7 +518,6 @@ def write_caption_pretrain_files(captions_csv: str | os.PathLike[str], out_dir: 
     import pandas as pd
 
     from bvip_helpers.io import write_jsonl
-    from bvip_helpers.schema import DEFAULT_PROMPT
 
     frame = pd.read_csv(captions_csv)
     missing = {"image_path", "target", "split"} - set(frame.columns)
@@ -540,7 +529,7 @@ def write_caption_pretrain_files(captions_csv: str | os.PathLike[str], out_dir: 
     for split in ("train", "val"):
         rows = frame[frame["split"] == split]
         paths[split] = out_dir / f"pretrain_{split}.jsonl"
-        write_jsonl(paths[split], ({"image": r.image_path, "prompt": prompt or DEFAULT_PROMPT,
+        write_jsonl(paths[split], ({"image": r.image_path, "prompt": prompt or GENERIC_CAPTION_PROMPT,
                                     "response": str(r.target).strip()} for r in rows.itertuples()))
     return paths
 
@@ -556,7 +545,7 @@ def pretrain_twin_base(model: str, image_root: str | os.PathLike[str], out_dir: 
     out_dir = resolve(out_dir)
     image_root = resolve(image_root)
     captions_csv = resolve(captions_csv) if captions_csv else image_root / CAPTIONS_CSV
-    meta = resolve(model) / TWIN_META
+    meta = resolve(model) / TWIN_META_FILE
     settings = {"model": str(model), "captions_csv": str(captions_csv), "max_steps": max_steps, "lr": lr,
                 "batch_size": batch_size, "seed": seed,  # a rebuilt twin (new fingerprint) invalidates the cache
                 "twin": json.loads(meta.read_text()).get("fingerprint") if meta.is_file() else None}

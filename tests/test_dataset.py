@@ -18,6 +18,7 @@ from bvip_helpers.dataset import (
     BuildReport,
     DatasetError,
     _json_column,
+    _map_unique,
     _write_records,
     build_dataset,
     caption_claims,
@@ -156,6 +157,16 @@ def test_synthetic_dataset_round_trip(tmp_path):
             for obj in schema.OBJECT_CLASSES:
                 assert parsed.near.get(obj.name, []) == schema.parse_object_cell(truth[obj.near_column])[0]
                 assert parsed.far.get(obj.name, []) == schema.parse_object_cell(truth[obj.far_column])[0]
+
+
+def test_map_unique_keeps_list_results_one_per_row():
+    """Equal-length list results (all empty, all pairs) once made a 2-D array and crashed the Series."""
+    values = pd.Series(["a", "b", "a"] * 8, index=range(10, 34))
+    empty = _map_unique(values, lambda v: [])
+    assert len(empty) == 24 and list(empty.index) == list(values.index) and all(x == [] for x in empty)
+    pairs = _map_unique(values, lambda v: [v, v.upper()])
+    assert pairs.iloc[0] == ["a", "A"] and pairs.iloc[1] == ["b", "B"]
+    assert _map_unique(values.iloc[:0], lambda v: []).empty
 
 
 # --- outputs --------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -42,12 +43,10 @@ _LOADED: dict[str, tuple] = {}
 def load_family(family: str, root) -> tuple:
     """(model, processor, spec) of the family's twin, built and loaded once per session."""
     if family not in _LOADED:
-        from bvip_helpers.sft import resolve_spec
+        from bvip_helpers.registry import get_spec, load_model_and_processor
 
         path = twins.build_tiny_model(family, root / family, texts=RESPONSES, seed=0)
-        spec = resolve_spec(str(path))
-        from bvip_helpers.registry import load_model_and_processor
-
+        spec = get_spec(str(path))
         model, processor = load_model_and_processor(spec)
         _LOADED[family] = (model.eval(), processor, spec)
     return _LOADED[family]
@@ -98,6 +97,64 @@ def test_generation_inputs_and_decode_strip_the_prompt(family, twin_dir):
     assert families.decode_generated(processor, spec, fake, inputs) == ["Sidewalk: left."] * 2
     texts = families.generate_captions(model, processor, spec, [scene_image(0)], PROMPTS[:1], max_new_tokens=3)
     assert len(texts) == 1 and isinstance(texts[0], str)
+
+
+def test_blip_trains_from_the_token_generate_starts_from(twin_dir, monkeypatch):
+    """BLIP's generate() puts text_config.bos_token_id ([DEC]) first; forward() does not, so the batch must."""
+    model, processor, spec = load_family("blip", twin_dir)
+    bos = model.config.text_config.bos_token_id
+    assert bos is not None and bos != processor.tokenizer.cls_token_id
+    batch = families.collate_from_parts(processor, spec, [scene_image(0), scene_image(1)], PROMPTS, RESPONSES)
+    assert batch["input_ids"][:, 0].tolist() == [bos, bos]
+    assert batch["labels"][:, 0].tolist() == [families.IGNORE_INDEX] * 2  # the start token is input, not target
+
+    seen = {}
+    real = model.text_decoder.generate
+
+    def spy(*args, **kwargs):
+        seen["input_ids"] = kwargs["input_ids"].clone()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model.text_decoder, "generate", spy)
+    prefixed = replace(spec, task_prefix="a photo of")  # with input_ids, as a prefix gives
+    for s in (spec, prefixed):
+        families.generate_captions(model, processor, s, [scene_image(0)], PROMPTS[:1], max_new_tokens=2)
+        assert int(seen["input_ids"][0, 0]) == int(batch["input_ids"][0, 0]) == bos
+
+
+def test_generation_does_not_edit_the_callers_input_ids(twin_dir, monkeypatch):
+    """BLIP's generate() writes its BOS into input_ids in place; the prompt ids used for decoding stay intact."""
+    model, processor, spec = load_family("blip", twin_dir)
+    prefixed = replace(spec, task_prefix="a photo of")
+    inputs = families.generation_inputs(processor, prefixed, [scene_image(0)], PROMPTS[:1])
+    original = inputs["input_ids"].clone()
+    monkeypatch.setattr(families, "generation_inputs", lambda *a, **k: inputs)
+    seen = {}
+    real = families.decode_generated
+
+    def spy(processor, spec, output_ids, given):
+        seen["ids"] = given["input_ids"].clone()
+        return real(processor, spec, output_ids, given)
+
+    monkeypatch.setattr(families, "decode_generated", spy)
+    families.generate_captions(model, processor, prefixed, [scene_image(0)], PROMPTS[:1], max_new_tokens=2)
+    assert torch.equal(inputs["input_ids"], original) and torch.equal(seen["ids"], original)
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "smolvlm"])
+def test_batched_greedy_equals_one_by_one(family, twin_dir):
+    """Batch 3 with different prompt lengths: left padding must give each sample its one-by-one caption."""
+    model, processor, spec = load_family(family, twin_dir)
+    image = scene_image(0)
+    prompts = [schema.DEFAULT_PROMPT, "Describe.", "Describe the scene in one line."]
+    inputs = families.generation_inputs(processor, spec, [image] * 3, prompts)
+    mask = inputs["attention_mask"]
+    assert len(set(mask.sum(1).tolist())) == 3, "the prompts must differ in length"
+    assert bool(mask[:, -1].all()) and not bool(mask[:, 0].all()), "padding must be on the left"
+    batched = families.generate_captions(model, processor, spec, [image] * 3, prompts, max_new_tokens=8)
+    single = [families.generate_captions(model, processor, spec, [image], [p], max_new_tokens=8)[0] for p in prompts]
+    assert batched == single
+    assert any(single), "the twin generated nothing; the comparison would be empty"
 
 
 def test_paligemma_batch_matches_processor_suffix(twin_dir):

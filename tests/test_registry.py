@@ -15,6 +15,7 @@ from bvip_helpers.registry import MODELS, get_spec, load_model_and_processor
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HF_NATIVE = [s for s in MODELS.values() if not s.is_export_only and not s.name.startswith("tiny-")]
+QWEN_SIZE = {"shortest_edge": 256 * 28 * 28, "longest_edge": 640 * 28 * 28}
 
 
 def test_every_family_has_a_real_model_and_a_tiny_twin():
@@ -86,6 +87,33 @@ def test_get_spec_infers_family_from_a_local_dir(tmp_path):
     (odd / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(registry.UnknownModelError, match="'bert' is not a registry family"):
         get_spec(str(odd))
+
+
+def test_a_local_twin_folder_keeps_its_own_image_size(tmp_path):
+    """A folder with twin_meta.json (a twin or a model trained from one) must not get the hub model's budget."""
+    twins = pytest.importorskip("bvip_helpers.twins")
+    assert registry.TWIN_META_FILE == twins.META_FILE
+    folder = tmp_path / "tiny-qwen2-vl-base"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    assert get_spec(str(folder)).image_budget == MODELS["qwen2-vl-2b"].image_budget != {}  # a real checkpoint
+    (folder / registry.TWIN_META_FILE).write_text("{}")
+    spec = get_spec(str(folder))
+    assert spec.family == "qwen2-vl" and spec.image_budget == {}
+    adapter = tmp_path / "adapter"  # an adapter trained on the twin resolves to it, budget and all
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(folder)}))
+    assert get_spec(str(adapter)).image_budget == {}
+
+
+def test_tiny_qwen2_vl_base_is_a_registry_entry(tmp_path, monkeypatch):
+    spec = get_spec("tiny-qwen2-vl-base")
+    assert spec.hub_id == "runs/models/tiny-qwen2-vl-base" and spec.is_local and spec.family == "qwen2-vl"
+    assert spec.image_budget == {} and spec.model_class == MODELS["tiny-qwen2-vl"].model_class
+    assert get_spec("runs/models/tiny-qwen2-vl-base") is spec
+    monkeypatch.setenv("BVIP_ROOT", str(tmp_path))  # not built there: the error says how to build it
+    with pytest.raises(FileNotFoundError, match="notebooks/03_sft.ipynb"):
+        registry.model_source(spec)
 
 
 def test_loader_refuses_export_only_remote_code_and_cpu_4bit(tmp_path, monkeypatch):
@@ -180,17 +208,53 @@ def test_cli_prints_both_tables(capsys):
 
 
 @pytest.mark.parametrize("family", ["qwen2-vl", "smolvlm", "internvl"])
-def test_image_budget_kwargs_reach_the_image_processor(family, tmp_path):
-    """The real entries' image budgets are valid processor kwargs (checked on the family's tiny twin)."""
+def test_image_budget_reaches_the_image_processor(family, tmp_path):
+    """The real entries' image budgets are valid image processor settings (checked on the family's tiny twin)."""
     twins = pytest.importorskip("bvip_helpers.twins")
-    from transformers import AutoProcessor
 
     twin_dir = twins.build_tiny_model(family, tmp_path / family)
     budget = MODELS[registry.FAMILY_REFERENCE[family]].image_budget
-    size = AutoProcessor.from_pretrained(twin_dir, **budget).image_processor
-    if family == "qwen2-vl":  # transformers 5 keeps min/max_pixels as size.shortest/longest_edge
-        assert (size.size.shortest_edge, size.size.longest_edge) == (budget["min_pixels"], budget["max_pixels"])
+    before = json.dumps(budget, sort_keys=True)
+    image_processor = registry.load_processor(twin_dir, budget).image_processor
+    assert json.dumps(budget, sort_keys=True) == before, "loading must not edit the registry's budget in place"
+    if family == "qwen2-vl":  # min/max_pixels, as transformers 5 spells them
+        assert budget == {"size": QWEN_SIZE}
+        assert (image_processor.size.shortest_edge, image_processor.size.longest_edge) == (
+            QWEN_SIZE["shortest_edge"], QWEN_SIZE["longest_edge"])
     elif family == "smolvlm":
-        assert size.size.longest_edge == 768
+        assert image_processor.size.longest_edge == 768
     else:
-        assert size.crop_to_patches is False
+        assert image_processor.crop_to_patches is False
+    with pytest.raises(ValueError, match="not settings of the image processor"):
+        registry.load_processor(twin_dir, {"no_such_setting": 1})
+
+
+def test_qwen_budget_holds_without_future_warnings(tmp_path):
+    """Same 256-640 token budget, no min/max_pixels FutureWarning per call, even when the checkpoint's own
+    processor config still carries min_pixels/max_pixels (as the Qwen hub repos do)."""
+    import shutil
+    import warnings
+
+    twins = pytest.importorskip("bvip_helpers.twins")
+    from PIL import Image
+
+    twin_dir = twins.build_tiny_model("qwen2-vl", tmp_path / "twin")
+    hub_like = shutil.copytree(twin_dir, tmp_path / "hub-like")
+    config_file = hub_like / "processor_config.json"
+    config = json.loads(config_file.read_text())
+    for name in ("image_processor", "video_processor"):
+        config[name].pop("size")
+        config[name].update(min_pixels=56 * 56, max_pixels=28 * 28 * 16384)
+    config_file.write_text(json.dumps(config))
+    budget = MODELS["qwen2-vl-2b"].image_budget
+    image = Image.new("RGB", (320, 240))
+    for folder in (twin_dir, hub_like):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            processor = registry.load_processor(folder, budget)
+            batch = processor(text=["<|vision_start|><|image_pad|><|vision_end|>hi"] * 2, images=[[image]] * 2,
+                              return_tensors="pt", padding=True)
+        assert not [w for w in caught if "min_pixels" in str(w.message)], folder.name
+        tokens = int(batch["image_grid_thw"][0].prod()) // 4  # 2x2 patches merge into one token
+        assert 256 <= tokens <= 640, (folder.name, tokens)
+        assert processor.video_processor.size.shortest_edge == QWEN_SIZE["shortest_edge"]

@@ -19,6 +19,7 @@ pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
 from bvip_helpers import sft, twins  # noqa: E402
+from bvip_helpers.registry import get_spec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
@@ -88,7 +89,7 @@ def test_preflight_refuses_a_max_length_that_cuts_tokens(sample_data, twin_root,
 def test_token_budget_reports_min_median_max(sample_data, twin_root):
     from bvip_helpers.registry import load_model_and_processor
 
-    spec = sft.resolve_spec(str(twin("qwen2-vl", twin_root, sample_data)))
+    spec = get_spec(str(twin("qwen2-vl", twin_root, sample_data)))
     _, processor = load_model_and_processor(spec)
     records = sft.load_split(params("x", sample_data, Path("unused")), "train")
     budget = sft.token_budget(processor, spec, records, SAMPLE, max_length=2048, limit=8)
@@ -112,7 +113,7 @@ def test_qlora_needs_cuda_with_a_clear_message(sample_data, twin_root, tmp_path)
 def test_one_sft_step_per_family(family, sample_data, twin_root, tmp_path):
     model = twin(family, twin_root, sample_data)
     result = sft.train_sft(params(model, sample_data, tmp_path / "run", max_steps=1, max_length=2048))
-    spec = sft.resolve_spec(str(model))
+    spec = get_spec(str(model))
     assert result.trainer == spec.trainer
     assert result.global_step == 1
     assert result.losses and all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
@@ -177,7 +178,7 @@ def test_merged_model_generates_like_the_adapter_and_eval_is_written(sample_data
     assert report["split"] == "val" and set(report["presence"]) == {"sidewalk_pos", "road_pos", "road_vs_sidewalk"}
     assert len((out / "preds_val.jsonl").read_text().splitlines()) == 4
     # the merged folder is a model the registry can load again (family from config.json)
-    assert sft.resolve_spec(str(merged)).family == "qwen2-vl"
+    assert get_spec(str(merged)).family == "qwen2-vl"
 
 
 @pytest.mark.slow
@@ -186,8 +187,8 @@ def test_full_finetune_keeps_the_vision_tower_frozen_unless_asked(sample_data, t
 
     model = twin("qwen2-vl", twin_root, sample_data)
     sft.train_sft(params(model, sample_data, tmp_path / "full", method="full", max_steps=2))
-    before, _ = load_model_and_processor(sft.resolve_spec(str(model)))
-    after, _ = load_model_and_processor(sft.resolve_spec(str(tmp_path / "full")))
+    before, _ = load_model_and_processor(get_spec(str(model)))
+    after, _ = load_model_and_processor(get_spec(str(tmp_path / "full")))
     b, a = dict(before.named_parameters()), dict(after.named_parameters())
     assert all(torch.equal(b[n], a[n]) for n in b if n.startswith("model.visual"))
     assert any(not torch.equal(b[n], a[n]) for n in b if "language_model" in n)
