@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -258,3 +259,13 @@ def test_qwen_budget_holds_without_future_warnings(tmp_path):
         tokens = int(batch["image_grid_thw"][0].prod()) // 4  # 2x2 patches merge into one token
         assert 256 <= tokens <= 640, (folder.name, tokens)
         assert processor.video_processor.size.shortest_edge == QWEN_SIZE["shortest_edge"]
+
+
+def test_readme_model_table_matches_the_registry():
+    """The README's model table is the registry's own rows (tiny twins left to docs/models.md)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- registry:start", 1)[1].split("<!-- registry:end -->", 1)[0]
+    readme_rows = [line for line in block.splitlines() if line.startswith("|")]
+    registry_rows = [line for line in registry.registry_table().splitlines()
+                     if line.startswith("|") and not line.startswith("| tiny-")]
+    assert readme_rows == registry_rows, "README model table is stale: regenerate it from registry_table()"
