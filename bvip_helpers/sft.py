@@ -516,7 +516,7 @@ def merge_and_check(params: SFTParams, spec: Any, model: Any, processor: Any, va
 #: The twin's vision tower starts random, so the demo's LoRA also adapts it (qkv/proj/fc1/fc2 of model.visual).
 # lr 3e-3 leaves the tiny twin predicting the majority value whatever the image: it learns the text
 # prior and never starts attending to the image tokens. At 1e-3 it grounds within a few hundred steps.
-DEMO = {"pretrain_steps": 600, "pretrain_lr": 1e-3, "sft_steps": 400, "lr": 1e-3, "lora_r": 64, "batch_size": 16,
+DEMO = {"pretrain_steps": 1000, "pretrain_lr": 1e-3, "sft_steps": 800, "lr": 1e-3, "lora_r": 64, "batch_size": 16,
         "num_workers": 0,
         "lora_target_modules": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
                                r"|visual\.(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))|merger\.mlp\.(0|2)))"}

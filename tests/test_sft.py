@@ -240,3 +240,19 @@ def test_notebook_03_smoke_runs_headless(tmp_path):
     assert report["split"] == "val" and report["n"] > 0
     assert (sft_dir / "adapter_model.safetensors").is_file() and (sft_dir / "loss_curve.png").is_file()
     assert json.loads((sft_dir / "sft_result.json").read_text())["merge_check"]["identical"]
+
+
+def test_notebook_03_defaults_match_the_benchmarked_demo_settings():
+    """Notebook 03's parameters and benchmarks/bench_sft.py (sft.DEMO) describe the same demo run."""
+    import ast
+
+    import nbformat
+
+    nb = nbformat.read(Path(__file__).resolve().parents[1] / "notebooks" / "03_sft.ipynb", as_version=4)
+    params = {node.targets[0].id: ast.literal_eval(node.value)
+              for node in ast.parse(nb.cells[1].source).body if isinstance(node, ast.Assign)}
+    assert params["max_steps"] == sft.DEMO["sft_steps"]
+    assert params["pretrain_steps"] == sft.DEMO["pretrain_steps"]
+    assert params["lr"] == sft.DEMO["lr"]
+    assert params["lora_r"] == sft.DEMO["lora_r"]
+    assert params["batch_size"] == sft.DEMO["batch_size"]
