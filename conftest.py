@@ -1,6 +1,7 @@
 """Repo-wide pytest setup: offline, smoke-sized notebooks, the optional reference data."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ os.environ.setdefault("BVIP_SMOKE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Smoke runs must not overwrite the figures a user's demo run wrote to figures/.
+os.environ.setdefault("BVIP_FIGURES_DIR", tempfile.mkdtemp(prefix="bvip-test-figures-"))
 
 REPO = Path(__file__).resolve().parent
 

@@ -235,16 +235,23 @@ def _dotted(report: dict[str, Any], key: str) -> Any:
     return value
 
 
+#: Folders under ``runs/`` that hold no model's runs: benchmark scratch, smoke runs, executed demo notebooks.
+NOT_MODEL_DIRS = frozenset({"benchmarks", "smoke", "demo", "models"})
+
+
 def collect_leaderboard(runs_dir: str | Path = "runs") -> pd.DataFrame:
     """One row per ``runs/<model>/**/eval_*.json``, sorted by mean mandatory-field accuracy.
 
-    ``model`` is the first folder under ``runs_dir``; ``run`` is the report's folder relative to
-    ``runs_dir``. Unreadable reports are skipped and listed in ``df.attrs["bad_files"]``.
+    ``model`` is the first folder under ``runs_dir`` (those in :data:`NOT_MODEL_DIRS` are skipped);
+    ``run`` is the report's folder relative to ``runs_dir``. Unreadable reports are skipped and
+    listed in ``df.attrs["bad_files"]``.
     """
     runs = resolve(runs_dir)
     rows, bad = [], []
     for path in sorted(runs.glob("*/**/eval_*.json")):
         rel = path.relative_to(runs)
+        if rel.parts[0] in NOT_MODEL_DIRS:
+            continue
         try:
             report = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(report, dict):

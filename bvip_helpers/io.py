@@ -38,7 +38,8 @@ def resolve(path: str | os.PathLike[str]) -> Path:
 
 
 def figures_dir() -> Path:
-    out = repo_root() / "figures"
+    """``figures/`` under the repo root; ``BVIP_FIGURES_DIR`` redirects it (the tests do, to keep demo figures)."""
+    out = Path(os.environ["BVIP_FIGURES_DIR"]) if os.environ.get("BVIP_FIGURES_DIR") else repo_root() / "figures"
     out.mkdir(parents=True, exist_ok=True)
     return out
 

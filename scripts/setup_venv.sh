@@ -9,8 +9,12 @@ want=$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -d' ' -f1)
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   exit 0
 fi
-echo "[setup] creating $VENV with $($PYTHON --version)"
-[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+if [[ -x "$VENV/bin/python" ]]; then
+  echo "[setup] updating $VENV (pyproject.toml or scripts/constraints.txt changed)"
+else
+  echo "[setup] creating $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
 pip_install() {  # quiet, minus the harmless notes some pip configs print for every package
   "$VENV/bin/python" -m pip --disable-pip-version-check -q install -c scripts/constraints.txt "$@" 2>&1 \
     | { grep -v "^WARNING: Location .* is ignored" || true; }

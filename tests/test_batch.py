@@ -146,6 +146,8 @@ def test_collect_leaderboard_reads_nested_reports_and_counts_bad_files(tmp_path)
         {"n": 5, "split": "val", "accuracy": {"sidewalk_pos": 1.0, "road_pos": 0.8, "road_vs_sidewalk": 0.6}}))
     (runs / "m_b" / "eval_broken.json").write_text("{not json")
     (runs / "eval_stray.json").write_text("{}")  # no model folder: ignored
+    (runs / "benchmarks" / "sft_run").mkdir(parents=True)  # benchmark scratch: not a model
+    (runs / "benchmarks" / "sft_run" / "eval_val.json").write_text(json.dumps({"n": 3, "split": "val"}))
     df = batch.collect_leaderboard(runs)
     assert list(df["model"]) == ["m_b", "m_a"]
     assert df.loc[0, "mandatory_acc_mean"] == pytest.approx(0.8)

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from bvip_helpers import constrained, schema
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _offline_one_thread():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch = pytest.importorskip("torch")
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
-def twin_dir(tmp_path_factory):
-    from bvip_helpers.twins import build_tiny_model
-
-    return build_tiny_model("qwen2-vl", tmp_path_factory.mktemp("twin") / "tiny-qwen2-vl", seed=0)
+def twin_dir(tiny_twin):
+    return tiny_twin("qwen2-vl")
 
 
 @pytest.fixture(scope="module")

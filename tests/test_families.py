@@ -24,14 +24,6 @@ PROMPTS = [schema.DEFAULT_PROMPT, "Describe the scene."]
 ALL_FAMILIES = list(twins.FAMILIES)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="session")
 def twin_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("family_twins")

@@ -67,9 +67,12 @@ def test_save_fig_writes_png(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
     monkeypatch.setenv("BVIP_ROOT", str(tmp_path))
+    monkeypatch.delenv("BVIP_FIGURES_DIR", raising=False)
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
     path = io.save_fig("unit_test_plot", fig)
     plt.close(fig)
     assert path == tmp_path / "figures" / "unit_test_plot.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setenv("BVIP_FIGURES_DIR", str(tmp_path / "elsewhere"))
+    assert io.save_fig("unit_test_plot", fig) == tmp_path / "elsewhere" / "unit_test_plot.png"

@@ -18,21 +18,9 @@ from bvip_helpers.io import ImagePathError, JsonlError, read_jsonl, write_jsonl
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _offline_one_thread():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch = pytest.importorskip("torch")
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
-def twin_dir(tmp_path_factory):
-    from bvip_helpers.twins import build_tiny_model
-
-    return build_tiny_model("qwen2-vl", tmp_path_factory.mktemp("twin") / "tiny-qwen2-vl", seed=0)
+def twin_dir(tiny_twin):
+    return tiny_twin("qwen2-vl")
 
 
 @pytest.fixture(scope="module")
@@ -238,4 +226,6 @@ def test_notebook_05_smoke_runs(tmp_path):
             os.environ.pop("BVIP_SMOKE", None)
         else:
             os.environ["BVIP_SMOKE"] = env_before
-    assert (ROOT / "figures" / "05_presence_accuracy.png").is_file()
+    from bvip_helpers.io import figures_dir
+
+    assert (figures_dir() / "05_presence_accuracy.png").is_file()

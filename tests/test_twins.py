@@ -23,15 +23,6 @@ CAPTION = schema.compose_caption(
 TEXTS = [CAPTION, schema.compose_caption(schema.SceneLabels("center", "front"), "The path is clear.")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The CI box has 2 cores shared by many jobs; tiny models do not gain from more threads.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="session")
 def built_twin(tmp_path_factory):
     """``built_twin(family)``: the family's twin folder, built once per test session."""
