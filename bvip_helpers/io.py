@@ -125,6 +125,14 @@ class JsonlError(ValueError):
     """A malformed JSONL line; the message names the file and line number."""
 
 
+def parse_json_object(line: str) -> dict[str, Any]:
+    """One JSONL line as a dict; ``ValueError`` when it is not valid JSON or not an object."""
+    record = json.loads(line)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    return record
+
+
 def numbered_jsonl(path: str | os.PathLike[str], *, skip_bad_lines: bool = False,
                    bad_lines: list[int] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, record)``; a malformed line raises :class:`JsonlError` unless ``skip_bad_lines``.
@@ -138,9 +146,7 @@ def numbered_jsonl(path: str | os.PathLike[str], *, skip_bad_lines: bool = False
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
+                record = parse_json_object(line)
             except ValueError as err:
                 if not skip_bad_lines:
                     raise JsonlError(

@@ -33,7 +33,15 @@ from typing import Any
 from bvip_helpers import schema
 from bvip_helpers.constrained import constrained_generate_kwargs, mandatory_trie, relation_consistency, repair_relation
 from bvip_helpers.families import record_image_path, record_prompt
-from bvip_helpers.io import ImagePathError, JsonlError, append_jsonl, load_image, safe_image_path, write_jsonl
+from bvip_helpers.io import (
+    ImagePathError,
+    JsonlError,
+    append_jsonl,
+    load_image,
+    parse_json_object,
+    safe_image_path,
+    write_jsonl,
+)
 
 #: output keys that must match between a file being resumed and the current run.
 RUN_KEYS = ("model", "adapter", "weights", "max_new_tokens", "num_beams", "constrained", "repair_relation")
@@ -121,9 +129,7 @@ def recover_output(out_path: Path) -> tuple[list[dict[str, Any]], int]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
+            record = parse_json_object(line)
         except ValueError as err:
             if number == len(complete) and not tail.strip():
                 dropped += 1  # the last line is broken though newline-terminated: still the kill's
@@ -133,8 +139,7 @@ def recover_output(out_path: Path) -> tuple[list[dict[str, Any]], int]:
         records.append(record)
     if tail.strip():
         try:
-            record = json.loads(tail)
-            records.append(record)  # a complete record that only lacks its newline
+            records.append(parse_json_object(tail))  # a complete record that only lacks its newline
         except ValueError:
             dropped += 1
     if dropped or tail.strip():
