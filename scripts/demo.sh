@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU demo pipeline on the embedded defaults: synthetic scenes -> dataset -> SFT -> evaluation.
 # Executed notebooks land in runs/demo/, figures in figures/, the leaderboard in runs/leaderboard.md.
-# Rerunning is cheap: the synthetic data, the pre-trained twin and finished predictions are reused.
+# Rerunning is cheap: the scenes are redrawn identically in seconds, and the pre-trained twin is reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
