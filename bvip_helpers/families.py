@@ -27,7 +27,7 @@ Family rules (the ``family`` of a registry :class:`ModelSpec`):
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -46,23 +46,25 @@ PREFIX_LM_FAMILIES = frozenset({"paligemma"})
 # --- Records ----------------------------------------------------------------
 
 
+def _message_text(record: dict[str, Any], role: str) -> str:
+    """The text of the first ``role`` message of a chat record."""
+    for message in record["messages"]:
+        if message.get("role") == role:
+            return _text_of(message)
+    raise ValueError(f"record for {record.get('image')!r} has no {role} message")
+
+
 def record_prompt(record: dict[str, Any]) -> str:
     """The user's text of a chat record (``messages``) or the ``prompt`` of an SFT record."""
     if "messages" in record:
-        for message in record["messages"]:
-            if message.get("role") == "user":
-                return _text_of(message)
-        raise ValueError(f"record for {record.get('image')!r} has no user message")
+        return _message_text(record, "user")
     return str(record.get("prompt", ""))
 
 
 def record_response(record: dict[str, Any]) -> str:
     """The assistant's text of a chat record or the ``response`` of an SFT record."""
     if "messages" in record:
-        for message in record["messages"]:
-            if message.get("role") == "assistant":
-                return _text_of(message)
-        raise ValueError(f"record for {record.get('image')!r} has no assistant message")
+        return _message_text(record, "assistant")
     if "response" not in record:
         raise ValueError(f"record for {record.get('image')!r} has neither 'messages' nor 'response'")
     return str(record["response"])
@@ -147,14 +149,16 @@ class _Row:
 
 
 def collate_train(processor: Any, spec: Any, examples: Sequence[dict[str, Any]],
-                  image_root: str | os.PathLike[str], max_length: int | None = None) -> dict[str, Any]:
+                  image_root: str | os.PathLike[str], max_length: int | None = None,
+                  load: Callable[[str | os.PathLike[str], dict[str, Any]], Any] = load_record_image) -> dict[str, Any]:
     """A training batch for ``examples`` (chat or SFT records).
 
     ``labels`` are ``-100`` on the prompt, the image tokens and the padding; only the response
     tokens and the end token count. A sample longer than ``max_length`` raises (never truncated:
     cutting image tokens breaks the model, cutting the response teaches it to stop early).
+    ``load(image_root, record)`` opens each image; the SFT collator passes a caching one.
     """
-    images = [load_record_image(image_root, ex) for ex in examples]
+    images = [load(image_root, ex) for ex in examples]
     prompts = [record_prompt(ex) for ex in examples]
     responses = [record_response(ex) for ex in examples]
     return collate_from_parts(processor, spec, images, prompts, responses, max_length)

@@ -144,7 +144,7 @@ def load_split(params: SFTParams, split: str) -> list[dict[str, Any]]:
 
 
 class FamilyCollator:
-    """Picklable collator: records -> :func:`families.collate_from_parts` batch.
+    """Picklable collator: records -> :func:`families.collate_train` batch.
 
     Decoded images are kept in memory (up to ``max_cached``): every epoch revisits the same files,
     and JPEG decoding in the main process is a large share of a small model's step time.
@@ -155,20 +155,18 @@ class FamilyCollator:
         self.processor, self.spec, self.image_root, self.max_length = processor, spec, str(image_root), max_length
         self.max_cached, self._images = max_cached, {}
 
-    def _image(self, record: dict[str, Any]) -> Any:
+    def _image(self, image_root: str, record: dict[str, Any]) -> Any:
         key = families.record_image_path(record)
         image = self._images.get(key)
         if image is None:
-            image = families.load_record_image(self.image_root, record)
+            image = families.load_record_image(image_root, record)
             if len(self._images) < self.max_cached:
                 self._images[key] = image
         return image
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        return families.collate_from_parts(
-            self.processor, self.spec, [self._image(ex) for ex in examples],
-            [families.record_prompt(ex) for ex in examples], [families.record_response(ex) for ex in examples],
-            self.max_length)
+        return families.collate_train(self.processor, self.spec, examples, self.image_root, self.max_length,
+                                      load=self._image)
 
 
 # --- Pre-flight --------------------------------------------------------------
