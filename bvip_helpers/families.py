@@ -173,14 +173,57 @@ def collate_from_parts(processor: Any, spec: Any, images: list[Any], prompts: li
     return _collate_causal(processor, spec, images, prompts, responses, max_length)
 
 
+@dataclass
+class EncodedExample:
+    """One training example run through the processor once: its unpadded row and image tensors."""
+
+    row: _Row
+    inputs: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.element_size() * v.nelement() for v in self.inputs.values() if hasattr(v, "nelement"))
+
+
+def encode_example(processor: Any, spec: Any, image: Any, prompt: str, response: str) -> EncodedExample | None:
+    """The processor's work for one example, to be cached and batched by :func:`collate_encoded`.
+
+    ``None`` for encoder-decoder families, whose batches are built by :func:`collate_from_parts` only.
+    """
+    if getattr(spec, "family", "") in ENCODER_DECODER_FAMILIES:
+        return None
+    rows, enc = _causal_rows(processor, spec, [image], [prompt], [response])
+    return EncodedExample(rows[0], dict(enc))
+
+
+def collate_encoded(processor: Any, spec: Any, examples: Sequence[EncodedExample],
+                    max_length: int | None = None) -> dict[str, Any]:
+    """The batch :func:`collate_from_parts` would build from the same examples, without the processor.
+
+    Image tensors are concatenated along their first axis, which is how the processors batch one
+    image per sample (stacked for fixed-size images, flattened patches plus grids for Qwen2-VL).
+    """
+    import torch
+
+    per_token = {"input_ids", "attention_mask", "labels", *examples[0].row.extras}
+    first = examples[0].inputs
+    enc = {k: (torch.cat([e.inputs[k] for e in examples]) if k not in per_token else v) for k, v in first.items()}
+    return _pad_causal(processor, spec, [e.row for e in examples], enc, max_length)
+
+
 def _response_ids(processor: Any, response: str) -> list[int]:
     return _tokenizer(processor)(response + end_token(processor), add_special_tokens=False)["input_ids"]
 
 
 def _collate_causal(processor: Any, spec: Any, images: list[Any], prompts: list[str], responses: list[str],
                     max_length: int | None) -> dict[str, Any]:
-    import torch
+    rows, enc = _causal_rows(processor, spec, images, prompts, responses)
+    return _pad_causal(processor, spec, rows, enc, max_length)
 
+
+def _causal_rows(processor: Any, spec: Any, images: list[Any], prompts: list[str],
+                 responses: list[str]) -> tuple[list[_Row], Any]:
+    """Unpadded (ids, labels, per-token extras) rows and the processor output (image tensors)."""
     family = getattr(spec, "family", "")
     if family in CAPTION_ONLY_FAMILIES:
         # BLIP's decoder starts from its own BOS: the "prompt" is the (optional) prefix, no end token after it.
@@ -201,6 +244,14 @@ def _collate_causal(processor: Any, spec: Any, images: list[Any], prompts: list[
         target = _response_ids(processor, response)
         extras = {k: v + [1 if k == "token_type_ids" else 0] * len(target) for k, v in row.extras.items()}
         rows.append(_Row(row.ids + target, [IGNORE_INDEX] * len(row.ids) + target, extras))
+    return rows, enc
+
+
+def _pad_causal(processor: Any, spec: Any, rows: list[_Row], enc: Any, max_length: int | None) -> dict[str, Any]:
+    """Right-pad ``rows`` into a batch; ``enc`` gives the image tensors and the extras' dtypes."""
+    import torch
+
+    family = getattr(spec, "family", "")
     _check_length(rows, max_length)
     pad_id = _pad_id(processor)
     width = max(len(r.ids) for r in rows)

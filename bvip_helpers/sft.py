@@ -144,29 +144,36 @@ def load_split(params: SFTParams, split: str) -> list[dict[str, Any]]:
 
 
 class FamilyCollator:
-    """Picklable collator: records -> :func:`families.collate_train` batch.
+    """Picklable collator: records -> the batch :func:`families.collate_train` would build.
 
-    Decoded images are kept in memory (up to ``max_cached``): every epoch revisits the same files,
-    and JPEG decoding in the main process is a large share of a small model's step time.
+    Every epoch revisits the same examples, and for a small model decoding the JPEG and running the
+    processor is a large share of the step time. So each example is processed once and kept
+    (:func:`families.encode_example`), up to ``cache_bytes`` of image tensors; batches are then only
+    padded together. Families without a cached path (encoder-decoder) and examples past the budget
+    go through :func:`families.collate_train` every time.
     """
 
     def __init__(self, processor: Any, spec: Any, image_root: str | os.PathLike[str], max_length: int | None,
-                 max_cached: int = 4096):
+                 cache_bytes: int = 2 * 1024**3):
         self.processor, self.spec, self.image_root, self.max_length = processor, spec, str(image_root), max_length
-        self.max_cached, self._images = max_cached, {}
+        self.cache_bytes, self._cached_bytes, self._encoded = cache_bytes, 0, {}
 
-    def _image(self, image_root: str, record: dict[str, Any]) -> Any:
-        key = families.record_image_path(record)
-        image = self._images.get(key)
-        if image is None:
-            image = families.load_record_image(image_root, record)
-            if len(self._images) < self.max_cached:
-                self._images[key] = image
-        return image
+    def _encode(self, record: dict[str, Any]) -> Any:
+        key = (families.record_image_path(record), families.record_prompt(record), families.record_response(record))
+        encoded = self._encoded.get(key)
+        if encoded is None and self._cached_bytes < self.cache_bytes:
+            image = families.load_record_image(self.image_root, record)
+            encoded = families.encode_example(self.processor, self.spec, image, key[1], key[2])
+            if encoded is not None:
+                self._encoded[key] = encoded
+                self._cached_bytes += encoded.nbytes
+        return encoded
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        return families.collate_train(self.processor, self.spec, examples, self.image_root, self.max_length,
-                                      load=self._image)
+        encoded = [self._encode(ex) for ex in examples]
+        if all(e is not None for e in encoded):
+            return families.collate_encoded(self.processor, self.spec, encoded, self.max_length)
+        return families.collate_train(self.processor, self.spec, examples, self.image_root, self.max_length)
 
 
 # --- Pre-flight --------------------------------------------------------------
@@ -442,10 +449,12 @@ def ground_truth(image_root: str | os.PathLike[str], captions_csv: str = "", ann
 
 def predict_and_evaluate(model: Any, processor: Any, spec: Any, records: list[dict[str, Any]],
                          image_root: str | os.PathLike[str], split: str, truth: Any, preds_path: Path, *,
-                         name: str = "model", batch_size: int = 16, max_new_tokens: int = 128) -> tuple[list, dict]:
+                         name: str = "model", batch_size: int = 16, max_new_tokens: int = 128,
+                         constrained: bool = False) -> tuple[list, dict]:
     """Greedy batched captions for ``records`` (fresh file) scored on ``split`` -> (predictions, report).
 
     Only the captioned images are scored, so a subset gives a fair (not a zero-padded) figure.
+    ``constrained`` decodes the mandatory fields with the schema constraint (``bvip predict --constrained``).
     """
     from bvip_helpers.evaluate import evaluate_predictions
     from bvip_helpers.predict import LoadedModel, predict
@@ -453,7 +462,7 @@ def predict_and_evaluate(model: Any, processor: Any, spec: Any, records: list[di
     preds_path = Path(preds_path)
     preds_path.unlink(missing_ok=True)  # a fresh model: never resume stale captions
     predict(LoadedModel(model, processor, spec, name=name), records, resolve(image_root), preds_path,
-            batch_size=batch_size, max_new_tokens=max_new_tokens, progress=False)
+            batch_size=batch_size, max_new_tokens=max_new_tokens, constrained=constrained, progress=False)
     predictions = read_jsonl(preds_path)
     wanted = {Path(r["image"]).name for r in records}
     names = truth["image_path"].map(lambda p: Path(str(p)).name)
@@ -510,75 +519,16 @@ def merge_and_check(params: SFTParams, spec: Any, model: Any, processor: Any, va
 
 # --- CPU demo: a tiny twin that starts out like a real base model ----------------
 
-#: settings of the CPU demo (notebook 03 and benchmarks/bench_sft.py), tuned on data/synthetic.
-#: The twin's vision tower starts random, so the demo's LoRA also adapts it (qkv/proj/fc1/fc2 of model.visual).
+#: settings of the CPU demo (notebook 03, scripts/demo.sh and benchmarks/bench_sft.py), tuned on data/synthetic.
+#: ``scenes``: how many synthetic scenes are drawn (80% train). ``vision_steps`` and ``pretrain_steps`` make the
+#: twin's base model (see twin_pretrain); the rest is the LoRA SFT. The twin's vision tower is tiny, so the demo's
+#: LoRA also adapts it (qkv/proj/fc1/fc2 of model.visual and the merger).
 # lr 3e-3 leaves the tiny twin predicting the majority value whatever the image: it learns the text
 # prior and never starts attending to the image tokens. At 1e-3 it grounds within a few hundred steps.
-DEMO = {"pretrain_steps": 1000, "pretrain_lr": 1e-3, "sft_steps": 800, "lr": 1e-3, "lora_r": 64, "batch_size": 16,
-        "num_workers": 0,
+DEMO = {"scenes": 4000, "vision_steps": 3000, "pretrain_steps": 600, "pretrain_lr": 1e-3, "sft_steps": 800,
+        "lr": 1e-3, "lora_r": 64, "batch_size": 16, "num_workers": 0,
         "lora_target_modules": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
                                r"|visual\.(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))|merger\.mlp\.(0|2)))"}
-
-
-#: What a generic captioner is asked during pre-training; the BVIP instruction is new to it at SFT time.
-GENERIC_CAPTION_PROMPT = "Describe this image."
-
-
-def write_caption_pretrain_files(captions_csv: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                                 prompt: str | None = None) -> dict[str, Path]:
-    """``pretrain_{train,val}.jsonl``: a generic prompt answered with the ORIGINAL caption (``target``).
-
-    A tiny twin starts from random weights; trained on these it becomes a generic captioner that,
-    like a real base model, writes plain captions and misses the mandatory fields zero-shot.
-    """
-    import pandas as pd
-
-    from bvip_helpers.io import write_jsonl
-
-    frame = pd.read_csv(captions_csv)
-    missing = {"image_path", "target", "split"} - set(frame.columns)
-    if missing:
-        raise ValueError(f"{captions_csv}: missing column(s) {sorted(missing)}")
-    frame = frame[frame["target"].notna() & (frame["target"].astype(str).str.strip() != "")]
-    out_dir = Path(out_dir)
-    paths = {}
-    for split in ("train", "val"):
-        rows = frame[frame["split"] == split]
-        paths[split] = out_dir / f"pretrain_{split}.jsonl"
-        write_jsonl(paths[split], ({"image": r.image_path, "prompt": prompt or GENERIC_CAPTION_PROMPT,
-                                    "response": str(r.target).strip()} for r in rows.itertuples()))
-    return paths
-
-
-def pretrain_twin_base(model: str, image_root: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
-                       max_steps: int, lr: float = 1e-3, batch_size: int = 8, seed: int = 0,
-                       captions_csv: str | os.PathLike[str] | None = None, max_length: int = 1024,
-                       force: bool = False) -> Path:
-    """Full fine-tune (vision included) a tiny twin on the original captions; cached in ``out_dir``.
-
-    A rerun with the same settings returns the cached base without training.
-    """
-    out_dir = resolve(out_dir)
-    image_root = resolve(image_root)
-    captions_csv = resolve(captions_csv) if captions_csv else image_root / CAPTIONS_CSV
-    meta = resolve(model) / TWIN_META_FILE
-    settings = {"model": str(model), "captions_csv": str(captions_csv), "max_steps": max_steps, "lr": lr,
-                "batch_size": batch_size, "seed": seed,  # a rebuilt twin (new fingerprint) invalidates the cache
-                "twin": json.loads(meta.read_text()).get("fingerprint") if meta.is_file() else None}
-    stamp = out_dir / "pretrain_settings.json"
-    if not force and stamp.is_file() and json.loads(stamp.read_text()) == settings \
-            and (out_dir / "model.safetensors").is_file():
-        print(f"pretrain: cached base in {out_dir}")
-        return out_dir
-    data_dir = out_dir.with_name(out_dir.name + "-data")
-    files = write_caption_pretrain_files(captions_csv, data_dir)
-    train_sft(SFTParams(model=str(model), data_dir=str(data_dir), image_root=str(image_root),
-                        output_dir=str(out_dir), method="full", train_vision=True, max_steps=max_steps, lr=lr,
-                        batch_size=batch_size, seed=seed, train_file=str(files["train"]), val_file=str(files["val"]),
-                        eval=False, merge=False, max_length=max_length, logging_steps=max(1, max_steps // 20),
-                        lr_scheduler="cosine", figure_name=f"pretrain_loss_{Path(str(model)).name}"))
-    write_json(stamp, settings)
-    return out_dir
 
 
 # --- CLI --------------------------------------------------------------------

@@ -164,6 +164,7 @@ class Scene:
     caption: str = ""
     caption_flaws: dict[str, Any] = field(default_factory=dict)
     quirk: str = ""
+    has_mask: bool = False
 
     @property
     def image_name(self) -> str:
@@ -172,6 +173,11 @@ class Scene:
     @property
     def image_path(self) -> str:
         return f"{SPLIT_DIRS[self.split]}/images/{self.image_name}"
+
+    @property
+    def mask_path(self) -> str:
+        """The label mask (PNG, values as in :data:`MASK_SIDEWALK` and friends) beside the image folder."""
+        return f"{SPLIT_DIRS[self.split]}/masks/{self.index:06d}.png"
 
 
 # Mask values returned by render_scene(with_mask=True): items get ITEM_MASK_BASE + index.
@@ -914,9 +920,20 @@ def _write_jpeg(path: Path, image: Image.Image, quality: int) -> None:
         image.save(tmp, format="JPEG", quality=quality)
 
 
+def _write_png(path: Path, image: Image.Image) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", optimize=True)
+
+
 def generate_dataset(out_dir: str | Path, n: int = 1000, seed: int = 0, image_size: tuple[int, int] = (256, 192),
-                     show_progress: bool = True, quirks: bool = True, jpeg_quality: int = 85) -> dict[str, Path]:
+                     show_progress: bool = True, quirks: bool = True, jpeg_quality: int = 85,
+                     masks: bool = True) -> dict[str, Path]:
     """Draw ``n`` scenes into ``out_dir`` and write the two SENSATION-style CSVs.
+
+    With ``masks`` each scene's label mask is saved as a PNG (``<split dir>/masks/``, pixel values
+    0 ground/sky/buildings, :data:`MASK_SIDEWALK`, :data:`MASK_ROAD`, and :data:`ITEM_MASK_BASE` + i
+    for ``items[i]`` of ``synth_scenes.jsonl``): the dense ground truth the tiny twin's vision
+    tower is pre-trained on (``twin_pretrain``). The real data set has no such masks.
 
     With ``quirks`` (the default) the annotations carry two of the real file's flaws so the
     dataset builder's checks have something to report: one exact duplicate row and one row
@@ -935,8 +952,11 @@ def generate_dataset(out_dir: str | Path, n: int = 1000, seed: int = 0, image_si
 
         indices = tqdm(indices, desc="synth", unit="scene")
     for index in indices:
-        scene, image, _ = make_scene(index, seed, image_size, splits[index])
+        scene, image, mask = make_scene(index, seed, image_size, splits[index], with_mask=masks)
         _write_jpeg(out / scene.image_path, image, jpeg_quality)
+        if mask is not None:
+            _write_png(out / scene.mask_path, Image.fromarray(mask.astype(np.uint8), mode="L"))
+            scene.has_mask = True
         scenes.append(scene)
 
     rows = [annotation_row(s) for s in scenes]
@@ -966,7 +986,7 @@ def scene_record(scene: Scene) -> dict[str, Any]:
             "sidewalk_pos": scene.sidewalk_pos, "road_pos": scene.road_pos,
             "horizon": round(scene.horizon, 2), "vanish_x": round(scene.vanish_x, 2),
             "items": [it.as_dict() for it in scene.items], "caption_flaws": scene.caption_flaws,
-            "quirk": scene.quirk}
+            "quirk": scene.quirk, "mask_path": scene.mask_path if scene.has_mask else None}
 
 
 # --- Comparing with the real labels ------------------------------------------------------

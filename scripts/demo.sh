@@ -11,7 +11,7 @@ start=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
 
 step "synthetic street scenes -> data/synthetic"
-bvip synth --out_dir data/synthetic --n "${BVIP_DEMO_SCENES:-1000}" --seed 0
+bvip synth --out_dir data/synthetic --n "${BVIP_DEMO_SCENES:-4000}" --seed 0
 
 for nb in 01_explore 02_build_dataset 03_sft 05_eval; do
   [[ -f notebooks/$nb.ipynb ]] || { echo "skipping $nb (not in this checkout)"; continue; }

@@ -197,3 +197,20 @@ def test_record_accessors_read_chat_and_sft_records():
                 families.record_image_path(record)) == ("P", "R", "a/b.jpg")
     with pytest.raises(ValueError, match="assistant"):
         families.record_response({"messages": chat["messages"][:1], "image": "x"})
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_cached_encodings_batch_exactly_like_the_processor(family, twin_dir):
+    """The SFT collator's shortcut (process each example once, then only pad) changes nothing."""
+    model, processor, spec = load_family(family, twin_dir)
+    images = [scene_image(0), scene_image(1, size=(120, 150))]
+    encoded = [families.encode_example(processor, spec, image, prompt, response)
+               for image, prompt, response in zip(images, PROMPTS, RESPONSES, strict=True)]
+    if family in families.ENCODER_DECODER_FAMILIES:
+        assert encoded == [None, None]
+        return
+    expected = families.collate_from_parts(processor, spec, images, PROMPTS, RESPONSES)
+    batch = families.collate_encoded(processor, spec, encoded)
+    assert batch.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(batch[key], value), key

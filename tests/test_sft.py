@@ -245,6 +245,21 @@ def test_notebook_03_defaults_match_the_benchmarked_demo_settings():
               for node in ast.parse(nb.cells[1].source).body if isinstance(node, ast.Assign)}
     assert params["max_steps"] == sft.DEMO["sft_steps"]
     assert params["pretrain_steps"] == sft.DEMO["pretrain_steps"]
+    assert params["vision_steps"] == sft.DEMO["vision_steps"]
     assert params["lr"] == sft.DEMO["lr"]
     assert params["lora_r"] == sft.DEMO["lora_r"]
     assert params["batch_size"] == sft.DEMO["batch_size"]
+
+
+def test_collator_cache_stays_within_its_budget_and_batches_alike(sample_data, twin_root):
+    from bvip_helpers.registry import get_spec, load_model_and_processor
+
+    spec = get_spec(str(twin("qwen2-vl", twin_root, sample_data)))
+    _, processor = load_model_and_processor(spec)
+    records = sft.load_split(params("x", sample_data, Path("unused")), "train")[:4]
+    cached = sft.FamilyCollator(processor, spec, SAMPLE, 2048)
+    uncached = sft.FamilyCollator(processor, spec, SAMPLE, 2048, cache_bytes=0)
+    first, again, plain = cached(records), cached(records), uncached(records)
+    assert len(cached._encoded) == 4 and not uncached._encoded
+    for key, value in plain.items():
+        assert torch.equal(first[key], value) and torch.equal(again[key], value), key

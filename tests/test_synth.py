@@ -244,3 +244,16 @@ def test_committed_sample(sample_dir):
     assert total < 1.5e6
     for image_path, _, _ in rows:
         assert (sample_dir / image_path).is_file()
+
+
+def test_label_masks_are_written_beside_the_images(tmp_path):
+    synth.generate_dataset(tmp_path / "with", n=6, seed=3, show_progress=False)
+    records = [json.loads(line) for line in (tmp_path / "with" / synth.SCENES_FILE).read_text().splitlines()]
+    for record in records:
+        index = int(record["image"].removesuffix(".jpg"))
+        _, _, expected = synth.make_scene(index, 3, split=record["split"], with_mask=True)
+        with Image.open(tmp_path / "with" / record["mask_path"]) as mask:
+            assert np.array_equal(np.asarray(mask), expected)  # PNG: lossless, values intact
+    synth.generate_dataset(tmp_path / "without", n=6, seed=3, show_progress=False, masks=False)
+    assert '"mask_path": null' in (tmp_path / "without" / synth.SCENES_FILE).read_text()
+    assert not list((tmp_path / "without").rglob("*.png"))

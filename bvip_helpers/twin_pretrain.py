@@ -1,0 +1,307 @@
+"""Turn a random tiny twin into a *base model*, the stand-in for a downloaded checkpoint (CPU demo).
+
+A real Qwen2-VL-2B arrives with a vision encoder that has seen billions of images and a language
+model that already writes captions. A tiny twin arrives with random weights. Two cached stages
+give it both abilities before SFT, on the **train split only** of the synthetic scenes:
+
+1. :func:`pretrain_twin_vision`: the vision tower learns to *see*. Every image patch is labelled
+   with what was drawn there (sidewalk, road, an object class close or far, or other; ``bvip synth``
+   saves a label mask per scene) and the tower plus a throw-away linear head learn those labels,
+   like a vision encoder pre-trained on segmentation data. Without this stage the twin learns where
+   the sidewalk and road are (large regions) but hardly ever the close objects: through the
+   captioning loss alone, a few thousand images are far too few for a random ViT to find a cone.
+2. :func:`pretrain_twin_base`: the language model learns to *caption*, the vision tower frozen: a
+   generic prompt answered with the original caption (``target``). Like a real base model it then
+   writes plain captions and misses the BVIP mandatory fields zero-shot, which SFT then teaches.
+
+:func:`build_demo_base` runs the twin build and both stages; each stage is skipped when its
+output folder was made with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from bvip_helpers import twins
+from bvip_helpers.io import iter_jsonl, load_image, resolve, safe_image_path, write_json, write_jsonl
+from bvip_helpers.registry import TWIN_META_FILE, get_spec, load_model_and_processor
+from bvip_helpers.schema import OBJECT_CLASSES
+
+SCENES_FILE = "synth_scenes.jsonl"
+CAPTIONS_CSV = "complete_captions_sensation.csv"
+SETTINGS_FILE = "pretrain_settings.json"
+#: What a generic captioner is asked during pre-training; the BVIP instruction is new to it at SFT time.
+GENERIC_CAPTION_PROMPT = "Describe this image."
+#: What the vision tower learns to tell apart in every patch: the surfaces, then each object class close and far.
+PATCH_CLASSES = ("other", "sidewalk", "road", *(f"{o.name} close" for o in OBJECT_CLASSES),
+                 *(f"{o.name} far" for o in OBJECT_CLASSES))
+VISION_FAMILIES = ("qwen2-vl", "qwen2.5-vl")
+
+
+# --- Cache stamps --------------------------------------------------------------
+
+
+def _twin_fingerprint(model_dir: Path) -> str | None:
+    meta = model_dir / TWIN_META_FILE
+    return json.loads(meta.read_text()).get("fingerprint") if meta.is_file() else None
+
+
+def _sha1(path: Path) -> str | None:
+    """Content hash of a data file: redrawn scenes invalidate what was trained on the old ones."""
+    import hashlib
+
+    return hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _cached(out_dir: Path, settings: dict[str, Any], force: bool) -> bool:
+    stamp = out_dir / SETTINGS_FILE
+    return (not force and stamp.is_file() and json.loads(stamp.read_text()) == settings
+            and (out_dir / "model.safetensors").is_file())
+
+
+# --- Stage 1: the vision tower ------------------------------------------------
+
+
+def read_scenes(image_root: str | os.PathLike[str], split: str = "train") -> list[dict[str, Any]]:
+    """The scenes of one split from ``synth_scenes.jsonl`` (written by ``bvip synth``)."""
+    path = resolve(image_root) / SCENES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: vision pre-training needs the drawn geometry of synthetic scenes; "
+                                f"draw them with `bvip synth --out_dir {image_root}`")
+    scenes = [s for s in iter_jsonl(path) if s.get("split") == split]
+    if not scenes:
+        raise ValueError(f"{path}: no scenes in split {split!r}")
+    return scenes
+
+
+def patch_labels(mask: Any, items: list[dict[str, Any]], grid_h: int, grid_w: int,
+                 mirrored: bool = False) -> list[int]:
+    """One label per image patch (index into :data:`PATCH_CLASSES`), in Qwen2-VL's patch order.
+
+    ``mask`` is the scene's label mask (``bvip synth`` values: 1 sidewalk, 2 road, 16 + i for
+    ``items[i]``); a patch takes the value under its centre. Qwen2-VL's processor orders the patches
+    by 2x2 merge window (window row, window column, row in window, column in window), so the labels
+    follow that order. ``mirrored`` labels the horizontally flipped image.
+    """
+    import numpy as np
+
+    from bvip_helpers.synth import ITEM_MASK_BASE, MASK_ROAD, MASK_SIDEWALK
+
+    mask = np.asarray(mask)
+    if mirrored:
+        mask = mask[:, ::-1]
+    height, width = mask.shape
+    kinds = {o.name: i for i, o in enumerate(OBJECT_CLASSES)}
+    rows = ((np.arange(grid_h) + 0.5) * height / grid_h).astype(int)
+    cols = ((np.arange(grid_w) + 0.5) * width / grid_w).astype(int)
+    values = mask[np.ix_(rows, cols)]
+    lookup = {0: 0, MASK_SIDEWALK: 1, MASK_ROAD: 2}
+    for i, item in enumerate(items):
+        if item["kind"] in kinds:  # grass, plants and trees stay "other"
+            lookup[ITEM_MASK_BASE + i] = 3 + kinds[item["kind"]] + (0 if item["near"] else len(OBJECT_CLASSES))
+    labels = np.vectorize(lambda v: lookup.get(int(v), 0), otypes=[int])(values)
+    return labels.reshape(grid_h // 2, 2, grid_w // 2, 2).transpose(0, 2, 1, 3).reshape(-1).tolist()
+
+
+def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.PathLike[str],
+                         out_dir: str | os.PathLike[str], *, max_steps: int, lr: float = 1e-3, batch_size: int = 16,
+                         seed: int = 0, force: bool = False, show_progress: bool = True) -> Path:
+    """Train a Qwen2-VL twin's vision tower (and merger) to label every patch; save the model to ``out_dir``.
+
+    Images are mirrored at random (labels follow), which doubles the views of every object.
+    Returns ``out_dir``; a rerun with the same settings and twin returns the cached folder at once.
+    """
+    import torch
+    from PIL import ImageOps
+
+    model_dir, image_root, out_dir = resolve(model), resolve(image_root), resolve(out_dir)
+    spec = get_spec(str(model_dir))
+    if spec.family not in VISION_FAMILIES:
+        raise ValueError(f"vision pre-training knows the patch layout of {', '.join(VISION_FAMILIES)} twins, "
+                         f"not {spec.family!r}; skip it (max_steps=0) for other families")
+    scenes_file = image_root / SCENES_FILE
+    settings = {"stage": "vision", "model": str(model_dir), "twin": _twin_fingerprint(model_dir),
+                "scenes": str(scenes_file), "scenes_sha1": _sha1(scenes_file), "patch_classes": list(PATCH_CLASSES),
+                "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed}
+    if _cached(out_dir, settings, force):
+        print(f"vision pretrain: cached in {out_dir}")
+        return out_dir
+    scenes = read_scenes(image_root, "train")
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    net, processor = load_model_and_processor(spec)
+    vision = net.model.visual
+    head = torch.nn.Linear(net.config.text_config.hidden_size, 4 * len(PATCH_CLASSES))  # 4 patches per token
+    params = [*vision.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    warmup = max(1, max_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, max_steps) / max_steps)))
+    images: dict[str, Any] = {}
+    masks: dict[str, Any] = {}
+    order: list[int] = []
+    losses = []
+    vision.train()
+    start = time.perf_counter()
+    steps = range(max_steps)
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="vision pretrain", mininterval=5)
+    for step in steps:
+        if len(order) < batch_size:
+            order += rng.sample(range(len(scenes)), len(scenes))
+        batch, order = [scenes[i] for i in order[:batch_size]], order[batch_size:]
+        mirrored = [rng.random() < 0.5 for _ in batch]
+        pictures = []
+        for scene in batch:
+            if scene["image_path"] not in images:
+                images[scene["image_path"]] = load_image(safe_image_path(image_root, scene["image_path"]))
+                masks[scene["image_path"]] = _load_mask(image_root, scene)
+            pictures.append(images[scene["image_path"]])
+        pictures = [ImageOps.mirror(p) if m else p for p, m in zip(pictures, mirrored, strict=True)]
+        inputs = processor.image_processor(images=pictures, return_tensors="pt")
+        tokens = vision(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        tokens = getattr(tokens, "pooler_output", tokens)  # merged image tokens, the LM's view
+        labels = torch.tensor([label for scene, grid, m in zip(batch, inputs["image_grid_thw"], mirrored, strict=True)
+                               for label in patch_labels(masks[scene["image_path"]], scene["items"], int(grid[1]),
+                                                         int(grid[2]), m)])
+        loss = torch.nn.functional.cross_entropy(head(tokens).view(-1, len(PATCH_CLASSES)), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if show_progress:
+            if step % 50 == 0:
+                steps.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    seconds = time.perf_counter() - start
+    net.eval()
+    _save_model(net, processor, model_dir, out_dir)
+    tail = losses[-max(1, max_steps // 10):]
+    write_json(out_dir / "vision_pretrain.json", {"seconds": round(seconds, 1), "scenes": len(scenes),
+                                                  "final_loss": sum(tail) / len(tail), "patch_classes": PATCH_CLASSES})
+    write_json(out_dir / SETTINGS_FILE, settings)
+    print(f"vision pretrain: {max_steps} steps on {len(scenes)} scenes in {seconds:.0f}s, "
+          f"final patch loss {sum(tail) / len(tail):.3f} -> {out_dir}")
+    return out_dir
+
+
+def _load_mask(image_root: Path, scene: dict[str, Any]) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    if not scene.get("mask_path"):
+        raise FileNotFoundError(f"{image_root / SCENES_FILE}: scene {scene['image_path']} has no label mask; "
+                                f"redraw the scenes with `bvip synth --out_dir {image_root}` (masks are on by default)")
+    with Image.open(safe_image_path(image_root, scene["mask_path"])) as mask:
+        return np.asarray(mask.convert("L"))
+
+
+def _save_model(net: Any, processor: Any, source_dir: Path, out_dir: Path) -> None:
+    """save_pretrained into a staging folder, then swap it in: a crash never leaves half a model."""
+    staging = out_dir.with_name(f".{out_dir.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    net.save_pretrained(staging, safe_serialization=True)
+    processor.save_pretrained(staging)
+    if (source_dir / TWIN_META_FILE).is_file():
+        shutil.copyfile(source_dir / TWIN_META_FILE, staging / TWIN_META_FILE)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(staging, out_dir)
+
+
+# --- Stage 2: a generic captioner ----------------------------------------------
+
+
+def write_caption_pretrain_files(captions_csv: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                                 prompt: str | None = None) -> dict[str, Path]:
+    """``pretrain_{train,val}.jsonl``: a generic prompt answered with the ORIGINAL caption (``target``)."""
+    import pandas as pd
+
+    frame = pd.read_csv(captions_csv)
+    missing = {"image_path", "target", "split"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"{captions_csv}: missing column(s) {sorted(missing)}")
+    frame = frame[frame["target"].notna() & (frame["target"].astype(str).str.strip() != "")]
+    out_dir = Path(out_dir)
+    paths = {}
+    for split in ("train", "val"):
+        rows = frame[frame["split"] == split]
+        paths[split] = out_dir / f"pretrain_{split}.jsonl"
+        write_jsonl(paths[split], ({"image": r.image_path, "prompt": prompt or GENERIC_CAPTION_PROMPT,
+                                    "response": str(r.target).strip()} for r in rows.itertuples()))
+    return paths
+
+
+def pretrain_twin_base(model: str | os.PathLike[str], image_root: str | os.PathLike[str],
+                       out_dir: str | os.PathLike[str], *, max_steps: int, lr: float = 1e-3, batch_size: int = 8,
+                       seed: int = 0, captions_csv: str | os.PathLike[str] | None = None, max_length: int = 1024,
+                       train_vision: bool = True, force: bool = False) -> Path:
+    """Full fine-tune a twin on the original captions; cached in ``out_dir``.
+
+    ``train_vision=False`` keeps the vision tower (and its merger) frozen, as LLaVA-style VLM training
+    does once the vision encoder is pre-trained: at this learning rate the captioning loss would
+    otherwise wear away what stage 1 taught it.
+    """
+    from bvip_helpers.sft import SFTParams, train_sft
+
+    model_dir, out_dir, image_root = resolve(model), resolve(out_dir), resolve(image_root)
+    captions_csv = resolve(captions_csv) if captions_csv else image_root / CAPTIONS_CSV
+    settings = {"model": str(model_dir), "captions_csv": str(captions_csv), "captions_sha1": _sha1(captions_csv),
+                "max_steps": max_steps, "lr": lr,
+                "batch_size": batch_size, "seed": seed, "train_vision": train_vision,
+                # a rebuilt twin (new fingerprint) or a new vision stage invalidates the cache
+                "twin": _twin_fingerprint(model_dir), "weights": _weights_stamp(model_dir)}
+    if _cached(out_dir, settings, force):
+        print(f"pretrain: cached base in {out_dir}")
+        return out_dir
+    data_dir = out_dir.with_name(out_dir.name + "-data")
+    files = write_caption_pretrain_files(captions_csv, data_dir)
+    params = SFTParams(model=str(model_dir), data_dir=str(data_dir), image_root=str(image_root),
+                       output_dir=str(out_dir), method="full", train_vision=train_vision, max_steps=max_steps,
+                       lr=lr, batch_size=batch_size, seed=seed, train_file=str(files["train"]),
+                       val_file=str(files["val"]), eval=False, merge=False, max_length=max_length,
+                       logging_steps=max(1, max_steps // 20), lr_scheduler="cosine",
+                       figure_name=f"pretrain_loss_{model_dir.name}")
+    result = train_sft(params)
+    write_json(out_dir / SETTINGS_FILE, settings)
+    print(f"caption pretrain: {result.global_step} steps in {result.train_seconds:.0f}s -> {out_dir}")
+    return out_dir
+
+
+def _weights_stamp(model_dir: Path) -> Any:
+    """What the input weights were made with (a re-run vision stage invalidates the caption stage)."""
+    stamp = model_dir / SETTINGS_FILE
+    return json.loads(stamp.read_text()) if stamp.is_file() else None
+
+
+# --- Both stages ----------------------------------------------------------------
+
+
+def build_demo_base(model: str, data_dir: str | os.PathLike[str], image_root: str | os.PathLike[str],
+                    models_dir: str | os.PathLike[str], *, vision_steps: int, caption_steps: int,
+                    lr: float = 1e-3, batch_size: int = 16, seed: int = 0) -> Path:
+    """``tiny-<family>`` -> twin -> vision pre-training -> caption pre-training; returns the base folder.
+
+    Folders under ``models_dir``: ``<model>`` (the random twin), ``<model>-vision`` and ``<model>-base``.
+    ``vision_steps=0`` skips stage 1 (the only choice for families other than Qwen2-VL).
+    """
+    if not model.startswith("tiny-"):
+        raise ValueError(f"{model!r} is not a tiny twin; a real checkpoint is its own base model")
+    models_dir = resolve(models_dir)
+    twin = twins.build_tiny_model(model.removeprefix("tiny-"), models_dir / model, data_dir=data_dir, seed=seed)
+    start = twin
+    if vision_steps:
+        start = pretrain_twin_vision(twin, image_root, models_dir / f"{model}-vision", max_steps=vision_steps,
+                                     lr=lr, batch_size=batch_size, seed=seed)
+    return pretrain_twin_base(start, image_root, models_dir / f"{model}-base", max_steps=caption_steps, lr=lr,
+                              batch_size=batch_size, seed=seed, train_vision=not vision_steps)
+

@@ -1,0 +1,83 @@
+"""The tiny twin's base-model stages: patch labels, vision pre-training, caching, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bvip_helpers import synth, twin_pretrain
+from bvip_helpers.io import repo_root
+
+SAMPLE = repo_root() / "data" / "sample"
+PERSON = twin_pretrain.PATCH_CLASSES.index("person close")
+CAR_FAR = twin_pretrain.PATCH_CLASSES.index("car far")
+
+
+def test_patch_labels_follow_qwen_merge_window_order():
+    import numpy as np
+
+    # 4x4 patches over a 40x40 mask: a close person covering only the top-right patch (centre 35, 5).
+    mask = np.zeros((40, 40), np.uint8)
+    mask[0:10, 30:40] = synth.ITEM_MASK_BASE
+    labels = twin_pretrain.patch_labels(mask, [{"kind": "person", "near": True}], 4, 4)
+    # merge windows in row-major order, 4 patches each: window (0, 1) is the second, its patch (0, 1) is index 1.
+    expected = [0] * 16
+    expected[4 + 1] = PERSON
+    assert labels == expected
+
+
+def test_patch_labels_surfaces_objects_scenery_and_mirroring():
+    import numpy as np
+
+    items = [{"kind": "car", "near": False}, {"kind": "grass", "near": True}]
+    mask = np.array([[synth.ITEM_MASK_BASE, synth.ITEM_MASK_BASE + 1],
+                     [synth.MASK_SIDEWALK, synth.MASK_ROAD]], np.uint8).repeat(10, 0).repeat(10, 1)
+    sidewalk, road = twin_pretrain.PATCH_CLASSES.index("sidewalk"), twin_pretrain.PATCH_CLASSES.index("road")
+    assert twin_pretrain.patch_labels(mask, items, 2, 2) == [CAR_FAR, 0, sidewalk, road]  # grass is "other"
+    assert twin_pretrain.patch_labels(mask, items, 2, 2, mirrored=True) == [0, CAR_FAR, road, sidewalk]
+
+
+def test_vision_pretraining_changes_only_the_vision_tower_and_is_cached(tiny_twin, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    twin = tiny_twin("qwen2-vl")
+    out = twin_pretrain.pretrain_twin_vision(twin, SAMPLE, tmp_path / "vision", max_steps=6, batch_size=4,
+                                             show_progress=False)
+    before, after = load_file(twin / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("visual.") for k in changed)
+    assert any(k.startswith("visual.merger.") for k in changed)
+    report = json.loads((out / "vision_pretrain.json").read_text())
+    assert report["scenes"] == sum(1 for line in (SAMPLE / "synth_scenes.jsonl").open() if '"split": "train"' in line)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    twin_pretrain.pretrain_twin_vision(twin, SAMPLE, out, max_steps=6, batch_size=4, show_progress=False)
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # cache hit: not retrained
+
+
+def test_vision_pretraining_refuses_other_families_and_real_captions(tiny_twin, tmp_path: Path):
+    with pytest.raises(ValueError, match="patch layout"):
+        twin_pretrain.pretrain_twin_vision(tiny_twin("smolvlm"), SAMPLE, tmp_path / "v", max_steps=1)
+    real_like = tmp_path / "real"
+    real_like.mkdir()
+    with pytest.raises(FileNotFoundError, match="bvip synth"):
+        twin_pretrain.pretrain_twin_vision(tiny_twin("qwen2-vl"), real_like, tmp_path / "v", max_steps=1)
+    unmasked = tmp_path / "unmasked"
+    synth.generate_dataset(unmasked, n=12, show_progress=False, masks=False)
+    with pytest.raises(FileNotFoundError, match="no label mask"):
+        twin_pretrain.pretrain_twin_vision(tiny_twin("qwen2-vl"), unmasked, tmp_path / "v", max_steps=1)
+
+
+def test_build_demo_base_refuses_a_real_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="not a tiny twin"):
+        twin_pretrain.build_demo_base("qwen2-vl-2b", tmp_path, tmp_path, tmp_path, vision_steps=1, caption_steps=1)
+
+
+def test_demo_script_draws_the_scenes_the_demo_settings_were_tuned_on():
+    from bvip_helpers.sft import DEMO
+
+    script = (repo_root() / "scripts" / "demo.sh").read_text()
+    assert f"BVIP_DEMO_SCENES:-{DEMO['scenes']}}}" in script
