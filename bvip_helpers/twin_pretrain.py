@@ -33,9 +33,8 @@ from bvip_helpers import twins
 from bvip_helpers.io import iter_jsonl, load_image, resolve, safe_image_path, write_json, write_jsonl
 from bvip_helpers.registry import TWIN_META_FILE, get_spec, load_model_and_processor
 from bvip_helpers.schema import OBJECT_CLASSES
+from bvip_helpers.synth import CAPTIONS_FILE, SCENES_FILE
 
-SCENES_FILE = "synth_scenes.jsonl"
-CAPTIONS_CSV = "complete_captions_sensation.csv"
 SETTINGS_FILE = "pretrain_settings.json"
 #: What a generic captioner is asked during pre-training; the BVIP instruction is new to it at SFT time.
 GENERIC_CAPTION_PROMPT = "Describe this image."
@@ -73,7 +72,7 @@ def read_scenes(image_root: str | os.PathLike[str], split: str = "train") -> lis
     """The scenes of one split from ``synth_scenes.jsonl`` (written by ``bvip synth``)."""
     path = resolve(image_root) / SCENES_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: vision pre-training needs the drawn geometry of synthetic scenes; "
+        raise FileNotFoundError(f"{path}: vision pre-training needs synthetic scenes and their label masks; "
                                 f"draw them with `bvip synth --out_dir {image_root}`")
     scenes = [s for s in iter_jsonl(path) if s.get("split") == split]
     if not scenes:
@@ -144,8 +143,7 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
     warmup = max(1, max_steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, max_steps) / max_steps)))
-    images: dict[str, Any] = {}
-    masks: dict[str, Any] = {}
+    loaded: dict[str, tuple[Any, Any]] = {}  # image path -> (image, label mask), read once
     order: list[int] = []
     losses = []
     vision.train()
@@ -160,18 +158,17 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
             order += rng.sample(range(len(scenes)), len(scenes))
         batch, order = [scenes[i] for i in order[:batch_size]], order[batch_size:]
         mirrored = [rng.random() < 0.5 for _ in batch]
-        pictures = []
         for scene in batch:
-            if scene["image_path"] not in images:
-                images[scene["image_path"]] = load_image(safe_image_path(image_root, scene["image_path"]))
-                masks[scene["image_path"]] = _load_mask(image_root, scene)
-            pictures.append(images[scene["image_path"]])
-        pictures = [ImageOps.mirror(p) if m else p for p, m in zip(pictures, mirrored, strict=True)]
+            if scene["image_path"] not in loaded:
+                loaded[scene["image_path"]] = (load_image(safe_image_path(image_root, scene["image_path"])),
+                                               _load_mask(image_root, scene))
+        pictures = [ImageOps.mirror(loaded[scene["image_path"]][0]) if m else loaded[scene["image_path"]][0]
+                    for scene, m in zip(batch, mirrored, strict=True)]
         inputs = processor.image_processor(images=pictures, return_tensors="pt")
         tokens = vision(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
         tokens = getattr(tokens, "pooler_output", tokens)  # merged image tokens, the LM's view
         labels = torch.tensor([label for scene, grid, m in zip(batch, inputs["image_grid_thw"], mirrored, strict=True)
-                               for label in patch_labels(masks[scene["image_path"]], scene["items"], int(grid[1]),
+                               for label in patch_labels(loaded[scene["image_path"]][1], scene["items"], int(grid[1]),
                                                          int(grid[2]), m)])
         loss = torch.nn.functional.cross_entropy(head(tokens).view(-1, len(PATCH_CLASSES)), labels)
         loss.backward()
@@ -180,9 +177,8 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if show_progress:
-            if step % 50 == 0:
-                steps.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if show_progress and step % 50 == 0:
+            steps.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     seconds = time.perf_counter() - start
     net.eval()
     _save_model(net, processor, model_dir, out_dir)
@@ -254,7 +250,7 @@ def pretrain_twin_base(model: str | os.PathLike[str], image_root: str | os.PathL
     from bvip_helpers.sft import SFTParams, train_sft
 
     model_dir, out_dir, image_root = resolve(model), resolve(out_dir), resolve(image_root)
-    captions_csv = resolve(captions_csv) if captions_csv else image_root / CAPTIONS_CSV
+    captions_csv = resolve(captions_csv) if captions_csv else image_root / CAPTIONS_FILE
     settings = {"model": str(model_dir), "captions_csv": str(captions_csv), "captions_sha1": _sha1(captions_csv),
                 "max_steps": max_steps, "lr": lr,
                 "batch_size": batch_size, "seed": seed, "train_vision": train_vision,
