@@ -26,7 +26,7 @@ import torch
 
 from bvip_helpers import families, registry, sft, twin_pretrain
 from bvip_helpers.io import read_jsonl, resolve, write_json
-from bvip_helpers.synth import SCENES_FILE
+from bvip_helpers.synth import ANNOTATIONS_FILE, CAPTIONS_FILE, SCENES_FILE
 
 TARGETS = {"presence": 1.0, "accuracy": 0.95, "near_recall": 0.90, "near_precision": 0.90, "sft_minutes": 10.0}
 
@@ -34,7 +34,7 @@ TARGETS = {"presence": 1.0, "accuracy": 0.95, "near_recall": 0.90, "near_precisi
 def ensure_data(n: int, seed: int) -> tuple[Path, Path]:
     """data/synthetic (n scenes, with label masks) and data/bvpi_out, (re)built when missing or stale."""
     image_root, data_dir = resolve("data/synthetic"), resolve("data/bvpi_out")
-    captions, scenes = image_root / sft.CAPTIONS_CSV, image_root / SCENES_FILE
+    captions, scenes = image_root / CAPTIONS_FILE, image_root / SCENES_FILE
     stale = (not captions.is_file() or sum(1 for _ in captions.open()) - 1 != n
              or not scenes.is_file() or '"mask_path": "' not in scenes.read_text())
     if stale:
@@ -44,7 +44,7 @@ def ensure_data(n: int, seed: int) -> tuple[Path, Path]:
     if stale or not (data_dir / "bvpi_chat_train.jsonl").is_file():
         from bvip_helpers.dataset import build_dataset
 
-        build_dataset(image_root / sft.CAPTIONS_CSV, image_root / sft.ANNOTATIONS_CSV, data_dir,
+        build_dataset(image_root / CAPTIONS_FILE, image_root / ANNOTATIONS_FILE, data_dir,
                       image_root=image_root, show_progress=False)
     return image_root, data_dir
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,34 @@ class atomic_path:
             os.replace(self.tmp, self.target)
         else:
             self.tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike[str],
+               clear: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``target``; on success it replaces ``target``.
+
+    A crash while writing (a model save, say) never leaves half a folder behind. ``clear(target)``
+    removes the old folder first (default: delete it); pass a function that refuses to delete
+    something it does not recognise.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".building", dir=target.parent))
+    try:
+        yield staging
+        (clear or remove_tree)(target)
+        os.replace(staging, target)
+    finally:
+        remove_tree(staging)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder or file if it exists."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

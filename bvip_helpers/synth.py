@@ -338,7 +338,7 @@ def _draw_bicycle(p: Painter, it: Item, rng: np.random.Generator) -> None:
     x, yb, h, w = it.x, it.y_base, it.height, it.width
     frame = _jitter(rng, CLOTHES[rng.integers(len(CLOTHES))], 20)
     r = min(h * 0.33, w * 0.27)
-    lw = max(r * 0.18, 1.0)
+    lw = max(r * 0.3, 1.5)  # thick tyres and tubes: thinner lines vanish at a twin's 112-px input
     back, front = (x - w / 2 + r, yb - r), (x + w / 2 - r, yb - r)
     for cx, cy in (back, front):
         p.ellipse(cx - r, cy - r, cx + r, cy + r, None, (20, 20, 20), lw)  # type: ignore[arg-type]

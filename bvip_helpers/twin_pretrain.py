@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bvip_helpers import twins
-from bvip_helpers.io import iter_jsonl, load_image, resolve, safe_image_path, write_json, write_jsonl
+from bvip_helpers.io import atomic_dir, iter_jsonl, load_image, resolve, safe_image_path, write_json, write_jsonl
 from bvip_helpers.registry import TWIN_META_FILE, get_spec, load_model_and_processor
 from bvip_helpers.schema import OBJECT_CLASSES
 from bvip_helpers.synth import CAPTIONS_FILE, SCENES_FILE
@@ -42,6 +42,14 @@ GENERIC_CAPTION_PROMPT = "Describe this image."
 PATCH_CLASSES = ("other", "sidewalk", "road", *(f"{o.name} close" for o in OBJECT_CLASSES),
                  *(f"{o.name} far" for o in OBJECT_CLASSES))
 VISION_FAMILIES = ("qwen2-vl", "qwen2.5-vl")
+#: Object patches weigh this much more than surface and "other" patches in the patch loss: a close cone
+#: covers two patches of 48, and without the weight the tower spends itself on the large surfaces.
+OBJECT_PATCH_WEIGHT = 3.0
+#: Weight of the image-level loss: which object classes are close, read from the MEAN of the image
+#: tokens. An LM attending evenly to the image tokens gets that mean, so this is the view SFT relies on.
+PRESENCE_WEIGHT = 1.0
+#: Vision pre-training crops at least this much of each side (see :func:`augment_view`).
+CROP_SCALE = 0.8
 
 
 # --- Cache stamps --------------------------------------------------------------
@@ -80,22 +88,19 @@ def read_scenes(image_root: str | os.PathLike[str], split: str = "train") -> lis
     return scenes
 
 
-def patch_labels(mask: Any, items: list[dict[str, Any]], grid_h: int, grid_w: int,
-                 mirrored: bool = False) -> list[int]:
+def patch_labels(mask: Any, items: list[dict[str, Any]], grid_h: int, grid_w: int) -> list[int]:
     """One label per image patch (index into :data:`PATCH_CLASSES`), in Qwen2-VL's patch order.
 
     ``mask`` is the scene's label mask (``bvip synth`` values: 1 sidewalk, 2 road, 16 + i for
     ``items[i]``); a patch takes the value under its centre. Qwen2-VL's processor orders the patches
     by 2x2 merge window (window row, window column, row in window, column in window), so the labels
-    follow that order. ``mirrored`` labels the horizontally flipped image.
+    follow that order.
     """
     import numpy as np
 
     from bvip_helpers.synth import ITEM_MASK_BASE, MASK_ROAD, MASK_SIDEWALK
 
     mask = np.asarray(mask)
-    if mirrored:
-        mask = mask[:, ::-1]
     height, width = mask.shape
     kinds = {o.name: i for i, o in enumerate(OBJECT_CLASSES)}
     rows = ((np.arange(grid_h) + 0.5) * height / grid_h).astype(int)
@@ -109,17 +114,50 @@ def patch_labels(mask: Any, items: list[dict[str, Any]], grid_h: int, grid_w: in
     return labels.reshape(grid_h // 2, 2, grid_w // 2, 2).transpose(0, 2, 1, 3).reshape(-1).tolist()
 
 
+def close_classes(items: list[dict[str, Any]], mask: Any = None) -> list[float]:
+    """Multi-hot over :data:`OBJECT_CLASSES`: which classes have a close item in the scene.
+
+    With ``mask`` (a label mask, maybe cropped), only items with at least one pixel in it count.
+    """
+    import numpy as np
+
+    from bvip_helpers.synth import ITEM_MASK_BASE
+
+    visible = set(np.flatnonzero(np.bincount(np.asarray(mask).ravel(), minlength=256))) if mask is not None else None
+    close = {item["kind"] for i, item in enumerate(items)
+             if item["near"] and (visible is None or ITEM_MASK_BASE + i in visible)}
+    return [float(o.name in close) for o in OBJECT_CLASSES]
+
+
+def augment_view(image: Any, mask: Any, rng: random.Random, crop_scale: float = CROP_SCALE) -> tuple[Any, Any]:
+    """A random view of a scene for vision pre-training: a crop of ``crop_scale`` to 1 of each side
+    (aspect kept) resized back to full size, mirrored half the time; the label mask follows exactly."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    width, height = image.size
+    scale = rng.uniform(crop_scale, 1.0)
+    left, top = rng.uniform(0, width * (1 - scale)), rng.uniform(0, height * (1 - scale))
+    box = (left, top, left + width * scale, top + height * scale)
+    image = image.resize((width, height), Image.BILINEAR, box=box)
+    mask = Image.fromarray(np.asarray(mask)).resize((width, height), Image.NEAREST, box=box)
+    if rng.random() < 0.5:
+        image, mask = ImageOps.mirror(image), ImageOps.mirror(mask)
+    return image, np.asarray(mask)
+
+
 def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.PathLike[str],
                          out_dir: str | os.PathLike[str], *, max_steps: int, lr: float = 1e-3, batch_size: int = 16,
                          seed: int = 0, force: bool = False, show_progress: bool = True) -> Path:
-    """Train a Qwen2-VL twin's vision tower (and merger) to label every patch; save the model to ``out_dir``.
+    """Train a Qwen2-VL twin's vision tower (and merger) to see; save the model to ``out_dir``.
 
-    Images are mirrored at random (labels follow), which doubles the views of every object.
+    Two throw-away heads on the merged image tokens: one labels every patch (object patches weighted
+    by :data:`OBJECT_PATCH_WEIGHT`), one tells from the tokens' mean which object classes are close
+    (:func:`close_classes`). Every step sees new random views of the scenes (:func:`augment_view`), so
+    3,000 steps over 3,196 scenes do not simply memorise them.
     Returns ``out_dir``; a rerun with the same settings and twin returns the cached folder at once.
     """
     import torch
-    from PIL import ImageOps
-
     model_dir, image_root, out_dir = resolve(model), resolve(image_root), resolve(out_dir)
     spec = get_spec(str(model_dir))
     if spec.family not in VISION_FAMILIES:
@@ -128,7 +166,8 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
     scenes_file = image_root / SCENES_FILE
     settings = {"stage": "vision", "model": str(model_dir), "twin": _twin_fingerprint(model_dir),
                 "scenes": str(scenes_file), "scenes_sha1": _sha1(scenes_file), "patch_classes": list(PATCH_CLASSES),
-                "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed}
+                "object_patch_weight": OBJECT_PATCH_WEIGHT, "presence_weight": PRESENCE_WEIGHT,
+                "crop_scale": CROP_SCALE, "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed}
     if _cached(out_dir, settings, force):
         print(f"vision pretrain: cached in {out_dir}")
         return out_dir
@@ -137,8 +176,11 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
     rng = random.Random(seed)
     net, processor = load_model_and_processor(spec)
     vision = net.model.visual
-    head = torch.nn.Linear(net.config.text_config.hidden_size, 4 * len(PATCH_CLASSES))  # 4 patches per token
-    params = [*vision.parameters(), *head.parameters()]
+    hidden = net.config.text_config.hidden_size
+    head = torch.nn.Linear(hidden, 4 * len(PATCH_CLASSES))  # 4 patches per token
+    presence_head = torch.nn.Linear(hidden, len(OBJECT_CLASSES))
+    class_weights = torch.tensor([1.0, 1.0, 1.0] + [OBJECT_PATCH_WEIGHT] * (len(PATCH_CLASSES) - 3))
+    params = [*vision.parameters(), *head.parameters(), *presence_head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr)
     warmup = max(1, max_steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -157,20 +199,23 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
         if len(order) < batch_size:
             order += rng.sample(range(len(scenes)), len(scenes))
         batch, order = [scenes[i] for i in order[:batch_size]], order[batch_size:]
-        mirrored = [rng.random() < 0.5 for _ in batch]
         for scene in batch:
             if scene["image_path"] not in loaded:
                 loaded[scene["image_path"]] = (load_image(safe_image_path(image_root, scene["image_path"])),
                                                _load_mask(image_root, scene))
-        pictures = [ImageOps.mirror(loaded[scene["image_path"]][0]) if m else loaded[scene["image_path"]][0]
-                    for scene, m in zip(batch, mirrored, strict=True)]
-        inputs = processor.image_processor(images=pictures, return_tensors="pt")
+        pictures, masks = zip(*(augment_view(*loaded[scene["image_path"]], rng) for scene in batch), strict=True)
+        inputs = processor.image_processor(images=list(pictures), return_tensors="pt")
         tokens = vision(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
         tokens = getattr(tokens, "pooler_output", tokens)  # merged image tokens, the LM's view
-        labels = torch.tensor([label for scene, grid, m in zip(batch, inputs["image_grid_thw"], mirrored, strict=True)
-                               for label in patch_labels(loaded[scene["image_path"]][1], scene["items"], int(grid[1]),
-                                                         int(grid[2]), m)])
-        loss = torch.nn.functional.cross_entropy(head(tokens).view(-1, len(PATCH_CLASSES)), labels)
+        labels = torch.tensor([label for scene, grid, mask in zip(batch, inputs["image_grid_thw"], masks, strict=True)
+                               for label in patch_labels(mask, scene["items"], int(grid[1]), int(grid[2]))])
+        loss = torch.nn.functional.cross_entropy(head(tokens).view(-1, len(PATCH_CLASSES)), labels,
+                                                 weight=class_weights)
+        per_image = tokens.split([int(t * h * w) // 4 for t, h, w in inputs["image_grid_thw"]])
+        pooled = torch.stack([image_tokens.mean(0) for image_tokens in per_image])
+        present = torch.tensor([close_classes(scene["items"], mask) for scene, mask in zip(batch, masks, strict=True)])
+        loss = loss + PRESENCE_WEIGHT * torch.nn.functional.binary_cross_entropy_with_logits(
+            presence_head(pooled), present)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -187,7 +232,7 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
                                                   "final_loss": sum(tail) / len(tail), "patch_classes": PATCH_CLASSES})
     write_json(out_dir / SETTINGS_FILE, settings)
     print(f"vision pretrain: {max_steps} steps on {len(scenes)} scenes in {seconds:.0f}s, "
-          f"final patch loss {sum(tail) / len(tail):.3f} -> {out_dir}")
+          f"final loss {sum(tail) / len(tail):.3f} -> {out_dir}")
     return out_dir
 
 
@@ -203,15 +248,12 @@ def _load_mask(image_root: Path, scene: dict[str, Any]) -> Any:
 
 
 def _save_model(net: Any, processor: Any, source_dir: Path, out_dir: Path) -> None:
-    """save_pretrained into a staging folder, then swap it in: a crash never leaves half a model."""
-    staging = out_dir.with_name(f".{out_dir.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    net.save_pretrained(staging, safe_serialization=True)
-    processor.save_pretrained(staging)
-    if (source_dir / TWIN_META_FILE).is_file():
-        shutil.copyfile(source_dir / TWIN_META_FILE, staging / TWIN_META_FILE)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(staging, out_dir)
+    """Save model, processor and the twin's meta file; atomically, so a crash never leaves half a model."""
+    with atomic_dir(out_dir) as staging:
+        net.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+        if (source_dir / TWIN_META_FILE).is_file():
+            shutil.copyfile(source_dir / TWIN_META_FILE, staging / TWIN_META_FILE)
 
 
 # --- Stage 2: a generic captioner ----------------------------------------------

@@ -22,6 +22,26 @@ def test_write_jsonl_is_atomic_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"], "no temp files left behind"
 
 
+def test_atomic_dir_swaps_in_a_whole_folder_or_keeps_the_old_one(tmp_path):
+    target = tmp_path / "model"
+    with io.atomic_dir(target) as staging:
+        (staging / "weights").write_text("v1")
+    assert (target / "weights").read_text() == "v1"
+
+    with pytest.raises(RuntimeError), io.atomic_dir(target) as staging:
+        (staging / "weights").write_text("half")
+        raise RuntimeError("crash mid-save")
+    assert (target / "weights").read_text() == "v1", "the old folder must survive a failed save"
+
+    def refuse(path):
+        raise FileExistsError(f"{path} is not ours")
+
+    with pytest.raises(FileExistsError), io.atomic_dir(target, clear=refuse) as staging:
+        (staging / "weights").write_text("v2")
+    assert (target / "weights").read_text() == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"], "no staging folders left behind"
+
+
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "preds.jsonl"
     path.write_text('{"image": "a.jpg"}\n\n{"image": \n[1, 2]\n', encoding="utf-8")

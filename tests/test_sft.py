@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
-from bvip_helpers import sft, twins  # noqa: E402
+from bvip_helpers import sft, synth, twins  # noqa: E402
 from bvip_helpers.registry import get_spec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,8 +160,8 @@ def test_merged_model_generates_like_the_adapter_and_eval_is_written(sample_data
     model = twin("qwen2-vl", twin_root, sample_data)
     out = tmp_path / "run"
     result = sft.train_sft(params(model, sample_data, out, max_steps=8, lr=1e-2, merge=True, eval=True,
-                                  eval_limit=4, max_new_tokens=24, captions_csv=str(SAMPLE / sft.CAPTIONS_CSV),
-                                  annotations_csv=str(SAMPLE / sft.ANNOTATIONS_CSV)))
+                                  eval_limit=4, max_new_tokens=24, captions_csv=str(SAMPLE / synth.CAPTIONS_FILE),
+                                  annotations_csv=str(SAMPLE / synth.ANNOTATIONS_FILE)))
     assert result.merge_check["identical"], result.merge_check
     assert any(result.merge_check["adapter"]), "the adapter generated nothing; the comparison would be empty"
     merged = Path(result.merged_dir)

@@ -36,7 +36,47 @@ def test_patch_labels_surfaces_objects_scenery_and_mirroring():
                      [synth.MASK_SIDEWALK, synth.MASK_ROAD]], np.uint8).repeat(10, 0).repeat(10, 1)
     sidewalk, road = twin_pretrain.PATCH_CLASSES.index("sidewalk"), twin_pretrain.PATCH_CLASSES.index("road")
     assert twin_pretrain.patch_labels(mask, items, 2, 2) == [CAR_FAR, 0, sidewalk, road]  # grass is "other"
-    assert twin_pretrain.patch_labels(mask, items, 2, 2, mirrored=True) == [0, CAR_FAR, road, sidewalk]
+
+
+def test_augmented_views_keep_image_and_mask_aligned():
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    # left half red / sidewalk, right half blue / road; every view must keep colour and label together
+    pixels = np.zeros((60, 80, 3), np.uint8)
+    pixels[:, :40, 0], pixels[:, 40:, 2] = 255, 255
+    mask = np.full((60, 80), synth.MASK_ROAD, np.uint8)
+    mask[:, :40] = synth.MASK_SIDEWALK
+    rng = random.Random(0)
+    flips = set()
+    for _ in range(20):
+        view, view_mask = twin_pretrain.augment_view(Image.fromarray(pixels), mask, rng)
+        view = np.asarray(view)
+        assert view.shape == pixels.shape and view_mask.shape == mask.shape
+        red = view[..., 0] > 127
+        assert (red == (view_mask == synth.MASK_SIDEWALK)).mean() > 0.97  # only the seam may blur
+        flips.add(bool(view_mask[0, 0] == synth.MASK_ROAD))
+    assert flips == {True, False}  # mirrored about half the time
+
+
+def test_close_classes_skips_items_cropped_out_of_the_view():
+    import numpy as np
+
+    items = [{"kind": "person", "near": True}, {"kind": "car", "near": True}]
+    mask = np.zeros((10, 10), np.uint8)
+    mask[0, 0] = synth.ITEM_MASK_BASE  # only the person is left in the view
+    names = [o.name for o in twin_pretrain.OBJECT_CLASSES]
+    assert twin_pretrain.close_classes(items, mask) == [float(name == "person") for name in names]
+
+
+def test_close_classes_marks_close_object_classes_only():
+    items = [{"kind": "car", "near": False}, {"kind": "person", "near": True}, {"kind": "person", "near": True},
+             {"kind": "grass", "near": True}]
+    names = [o.name for o in twin_pretrain.OBJECT_CLASSES]
+    assert twin_pretrain.close_classes(items) == [float(name == "person") for name in names]
+    assert twin_pretrain.close_classes([]) == [0.0] * len(names)
 
 
 def test_vision_pretraining_changes_only_the_vision_tower_and_is_cached(tiny_twin, tmp_path):
