@@ -27,7 +27,7 @@ Family rules (the ``family`` of a registry :class:`ModelSpec`):
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -149,16 +149,14 @@ class _Row:
 
 
 def collate_train(processor: Any, spec: Any, examples: Sequence[dict[str, Any]],
-                  image_root: str | os.PathLike[str], max_length: int | None = None,
-                  load: Callable[[str | os.PathLike[str], dict[str, Any]], Any] = load_record_image) -> dict[str, Any]:
+                  image_root: str | os.PathLike[str], max_length: int | None = None) -> dict[str, Any]:
     """A training batch for ``examples`` (chat or SFT records).
 
     ``labels`` are ``-100`` on the prompt, the image tokens and the padding; only the response
     tokens and the end token count. A sample longer than ``max_length`` raises (never truncated:
     cutting image tokens breaks the model, cutting the response teaches it to stop early).
-    ``load(image_root, record)`` opens each image; the SFT collator passes a caching one.
     """
-    images = [load(image_root, ex) for ex in examples]
+    images = [load_record_image(image_root, ex) for ex in examples]
     prompts = [record_prompt(ex) for ex in examples]
     responses = [record_response(ex) for ex in examples]
     return collate_from_parts(processor, spec, images, prompts, responses, max_length)

@@ -7,7 +7,8 @@ give it both abilities before SFT, on the **train split only** of the synthetic 
 1. :func:`pretrain_twin_vision`: the vision tower learns to *see*. Every image patch is labelled
    with what was drawn there (sidewalk, road, an object class close or far, or other; ``bvip synth``
    saves a label mask per scene) and the tower plus a throw-away linear head learn those labels,
-   like a vision encoder pre-trained on segmentation data. Without this stage the twin learns where
+   like a vision encoder pre-trained on segmentation data; a second throw-away head learns from the
+   mean image token which object classes are close. Without this stage the twin learns where
    the sidewalk and road are (large regions) but hardly ever the close objects: through the
    captioning loss alone, a few thousand images are far too few for a random ViT to find a cone.
 2. :func:`pretrain_twin_base`: the language model learns to *caption*, the vision tower frozen: a
@@ -158,6 +159,7 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
     Returns ``out_dir``; a rerun with the same settings and twin returns the cached folder at once.
     """
     import torch
+
     model_dir, image_root, out_dir = resolve(model), resolve(image_root), resolve(out_dir)
     spec = get_spec(str(model_dir))
     if spec.family not in VISION_FAMILIES:
