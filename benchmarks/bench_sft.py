@@ -56,14 +56,17 @@ def summary(report: dict) -> dict:
             "majority_accuracy": report["structured"]["baselines"]["majority"]["accuracy"]}
 
 
-def step_time_ratio(params: sft.SFTParams, steps: int = 24, warmup: int = 8) -> dict:
+def step_time_ratio(params: sft.SFTParams, steps: int = 40, warmup: int = 8, repeats: int = 3) -> dict:
     """Trainer seconds per step vs a raw forward+backward on the same batch (same model, same data).
 
     The Trainer's step is the interval between two ``on_step_end`` calls, so it holds everything the
     Trainer does per step: fetching and collating the batch, forward and backward, clipping, the
-    optimizer and scheduler, logging. It runs on 4 batches' worth of records so that after ``warmup``
+    optimizer and scheduler, logging. The collator records every batch it hands the Trainer, and the
+    raw pass then runs forward and backward on exactly those batches (``repeats`` times each, the
+    median kept): batches differ in padded length, so comparing other batches would add their
+    difference to the ratio. The Trainer runs on 4 batches' worth of records, so after ``warmup``
     steps the collator's cache is warm, as it is after the first epoch of a real run (the whole-run
-    figure, cold first epoch included, is reported beside it). Both sides take the median.
+    figure, cold first epoch included, is reported beside it). The ratio is the median over steps.
     """
     from transformers import TrainerCallback
 
@@ -81,22 +84,36 @@ def step_time_ratio(params: sft.SFTParams, steps: int = 24, warmup: int = 8) -> 
                              "max_steps": steps, "save_steps": 0, "logging_steps": params.logging_steps})
     clock = StepClock()
     trainer = sft.build_trainer(probe, spec, model, processor, records, callbacks=[clock])
+    collate, batches = trainer.data_collator, []
+
+    def recording_collator(examples):
+        batches.append(collate(examples))
+        return batches[-1]
+
+    trainer.data_collator = recording_collator
     trainer.train()
-    intervals = [later - earlier for earlier, later in zip(clock.ends[warmup:-1], clock.ends[warmup + 1:], strict=True)]
-    trainer_step = sorted(intervals)[len(intervals) // 2]
-    # The raw side: the same 64 records the Trainer drew its batches from, as 4 batches, 3 times each.
-    batches = [families.collate_train(processor, spec, records[i: i + params.batch_size],
-                                      resolve(params.image_root), params.max_length)
-               for i in range(0, len(records), params.batch_size)]
+    if len(batches) < steps or len(clock.ends) != steps:
+        raise RuntimeError(f"step probe: {len(batches)} batches and {len(clock.ends)} steps, expected {steps}")
     model.train()
-    raw = []
-    for batch in batches * 3:
-        start = time.perf_counter()
-        model(**batch).loss.backward()
-        raw.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-    raw_step = sorted(raw)[len(raw) // 2]
-    return {"trainer_s_per_step": trainer_step, "raw_fwd_bwd_s": raw_step, "ratio": trainer_step / raw_step}
+    trainer_steps, raw_steps = [], []
+    for step in range(warmup + 1, steps):  # the interval ending at step `step` trained on batches[step]
+        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batches[step].items()}
+        timings = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            model(**batch).loss.backward()
+            timings.append(time.perf_counter() - begin)
+            model.zero_grad(set_to_none=True)
+        trainer_steps.append(clock.ends[step] - clock.ends[step - 1])
+        raw_steps.append(sorted(timings)[len(timings) // 2])
+    ratios = sorted(t / r for t, r in zip(trainer_steps, raw_steps, strict=True))
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    return {"trainer_s_per_step": median(trainer_steps), "raw_fwd_bwd_s": median(raw_steps),
+            "ratio": ratios[len(ratios) // 2], "steps_compared": len(ratios),
+            "ratio_quartiles": [ratios[len(ratios) // 4], ratios[3 * len(ratios) // 4]]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,26 @@ def test_patch_labels_surfaces_objects_scenery_and_mirroring():
     assert twin_pretrain.patch_labels(mask, items, 2, 2) == [CAR_FAR, 0, sidewalk, road]  # grass is "other"
 
 
+def test_patch_labels_name_objects_that_miss_the_patch_centre():
+    import numpy as np
+
+    # 2x2 patches of 20x20 px. Top-left: the open frame of a close bicycle (a 2-px ring, 28% of the
+    # patch, centre empty). Top-right: a far car on 5% only stays surface. Bottom-left: a close person
+    # on 15% beats a far car on 40%. Bottom-right: mostly road with a sidewalk edge.
+    items = [{"kind": "bicycle", "near": True}, {"kind": "car", "near": False}, {"kind": "person", "near": True}]
+    mask = np.zeros((40, 40), np.uint8)
+    mask[2:18, 2:18] = synth.ITEM_MASK_BASE
+    mask[4:16, 4:16] = 0
+    mask[0:4, 20:25] = synth.ITEM_MASK_BASE + 1
+    mask[20:28, 0:20] = synth.ITEM_MASK_BASE + 1
+    mask[28:40, 0:5] = synth.ITEM_MASK_BASE + 2
+    mask[20:40, 20:40] = synth.MASK_ROAD
+    mask[20:40, 20:24] = synth.MASK_SIDEWALK
+    bicycle = twin_pretrain.PATCH_CLASSES.index("bicycle close")
+    road = twin_pretrain.PATCH_CLASSES.index("road")
+    assert twin_pretrain.patch_labels(mask, items, 2, 2) == [bicycle, 0, PERSON, road]
+
+
 def test_augmented_views_keep_image_and_mask_aligned():
     import random
 
@@ -79,6 +99,22 @@ def test_close_classes_marks_close_object_classes_only():
     assert twin_pretrain.close_classes([]) == [0.0] * len(names)
 
 
+def test_repeat_factors_show_scenes_with_rare_close_classes_more_often():
+    import random
+
+    person = {"kind": "person", "near": True}
+    car = {"kind": "car", "near": True}
+    far_car = {"kind": "car", "near": False}
+    scenes = [{"items": [person]}] * 60 + [{"items": [person, car]}] * 4 + [{"items": [far_car]}] * 36
+    factors = twin_pretrain.repeat_factors(scenes, threshold=0.16)
+    # person in 64 % of the scenes: factor 1; close car in 4 %: sqrt(0.16 / 0.04) = 2; far cars do not count
+    assert factors[0] == 1.0 and factors[60] == pytest.approx(2.0) and factors[-1] == 1.0
+    order = twin_pretrain.epoch_order([1.0, 2.0, 1.5], random.Random(0))
+    assert order.count(0) == 1 and order.count(1) == 2 and order.count(2) in (1, 2)
+    counts = [twin_pretrain.epoch_order([1.5], random.Random(seed)).count(0) for seed in range(200)]
+    assert 1.35 < sum(counts) / len(counts) < 1.65  # rounded up half the time: 1.5 on average
+
+
 def test_vision_pretraining_changes_only_the_vision_tower_and_is_cached(tiny_twin, tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -93,6 +129,9 @@ def test_vision_pretraining_changes_only_the_vision_tower_and_is_cached(tiny_twi
     assert any(k.startswith("visual.merger.") for k in changed)
     report = json.loads((out / "vision_pretrain.json").read_text())
     assert report["scenes"] == sum(1 for line in (SAMPLE / "synth_scenes.jsonl").open() if '"split": "train"' in line)
+    check = report["val"]  # the held-out check: counts over the sample's val scenes, ratios in [0, 1]
+    assert check["scenes"] == sum(1 for line in (SAMPLE / "synth_scenes.jsonl").open() if '"split": "val"' in line)
+    assert 0 <= check["patch_accuracy"] <= 1 and set(check["per_class"]) == {o.name for o in twin_pretrain.OBJECT_CLASSES}
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     twin_pretrain.pretrain_twin_vision(twin, SAMPLE, out, max_steps=6, batch_size=4, show_progress=False)
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # cache hit: not retrained
