@@ -188,7 +188,8 @@ def epoch_order(factors: list[float], rng: random.Random) -> list[int]:
 def vision_check(vision: Any, head: Any, processor: Any, image_root: Path, scenes: list[dict[str, Any]],
                  batch_size: int = 32) -> dict[str, Any]:
     """What the vision stage learned, on held-out scenes: patch accuracy, and per close class the
-    recall and precision of "some patch is labelled with it" (an upper bound of what SFT can read)."""
+    recall and precision of "some patch is labelled with it": a gauge of what the language model can
+    read from the image tokens later, before any captioning is trained."""
     import torch
 
     n_objects = len(OBJECT_CLASSES)
