@@ -95,6 +95,10 @@ def step_time_ratio(params: sft.SFTParams, steps: int = 40, warmup: int = 8, rep
     if len(batches) < steps or len(clock.ends) != steps:
         raise RuntimeError(f"step probe: {len(batches)} batches and {len(clock.ends)} steps, expected {steps}")
     model.train()
+
+    def median(values: list[float]) -> float:  # the upper median: a measured value, never an average of two
+        return sorted(values)[len(values) // 2]
+
     trainer_steps, raw_steps = [], []
     for step in range(warmup + 1, steps):  # the interval ending at step `step` trained on batches[step]
         batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batches[step].items()}
@@ -105,14 +109,10 @@ def step_time_ratio(params: sft.SFTParams, steps: int = 40, warmup: int = 8, rep
             timings.append(time.perf_counter() - begin)
             model.zero_grad(set_to_none=True)
         trainer_steps.append(clock.ends[step] - clock.ends[step - 1])
-        raw_steps.append(sorted(timings)[len(timings) // 2])
+        raw_steps.append(median(timings))
     ratios = sorted(t / r for t, r in zip(trainer_steps, raw_steps, strict=True))
-
-    def median(values: list[float]) -> float:
-        return sorted(values)[len(values) // 2]
-
     return {"trainer_s_per_step": median(trainer_steps), "raw_fwd_bwd_s": median(raw_steps),
-            "ratio": ratios[len(ratios) // 2], "steps_compared": len(ratios),
+            "ratio": median(ratios), "steps_compared": len(ratios),
             "ratio_quartiles": [ratios[len(ratios) // 4], ratios[3 * len(ratios) // 4]]}
 
 

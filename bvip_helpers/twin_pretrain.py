@@ -86,14 +86,16 @@ def _cached(out_dir: Path, settings: dict[str, Any], force: bool) -> bool:
 # --- Stage 1: the vision tower ------------------------------------------------
 
 
-def read_scenes(image_root: str | os.PathLike[str], split: str = "train") -> list[dict[str, Any]]:
-    """The scenes of one split from ``synth_scenes.jsonl`` (written by ``bvip synth``)."""
+def read_scenes(image_root: str | os.PathLike[str], split: str = "train",
+                allow_empty: bool = False) -> list[dict[str, Any]]:
+    """The scenes of one split from ``synth_scenes.jsonl`` (written by ``bvip synth``); an empty split
+    raises unless ``allow_empty``."""
     path = resolve(image_root) / SCENES_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: vision pre-training needs synthetic scenes and their label masks; "
                                 f"draw them with `bvip synth --out_dir {image_root}`")
     scenes = [s for s in iter_jsonl(path) if s.get("split") == split]
-    if not scenes:
+    if not scenes and not allow_empty:
         raise ValueError(f"{path}: no scenes in split {split!r}")
     return scenes
 
@@ -246,8 +248,8 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
     settings = {"stage": "vision", "model": str(model_dir), "twin": _twin_fingerprint(model_dir),
                 "scenes": str(scenes_file), "scenes_sha1": _sha1(scenes_file), "patch_classes": list(PATCH_CLASSES),
                 "object_patch_weight": OBJECT_PATCH_WEIGHT, "min_object_cover": MIN_OBJECT_COVER,
-                "presence_weight": PRESENCE_WEIGHT,
-                "crop_scale": CROP_SCALE, "repeat_threshold": REPEAT_THRESHOLD, "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed}
+                "presence_weight": PRESENCE_WEIGHT, "crop_scale": CROP_SCALE, "repeat_threshold": REPEAT_THRESHOLD,
+                "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed}
     if _cached(out_dir, settings, force):
         print(f"vision pretrain: cached in {out_dir}")
         return out_dir
@@ -307,7 +309,7 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
             steps.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     seconds = time.perf_counter() - start
     net.eval()
-    held_out = [s for s in iter_jsonl(scenes_file) if s.get("split") == "val"]
+    held_out = read_scenes(image_root, "val", allow_empty=True)
     check = vision_check(vision, head, processor, image_root, held_out) if held_out else None
     _save_model(net, processor, model_dir, out_dir)
     tail = losses[-max(1, max_steps // 10):]
