@@ -67,6 +67,8 @@ def step_time_ratio(params: sft.SFTParams, steps: int = 40, warmup: int = 8, rep
     difference to the ratio. The Trainer runs on 4 batches' worth of records, so after ``warmup``
     steps the collator's cache is warm, as it is after the first epoch of a real run (the whole-run
     figure, cold first epoch included, is reported beside it). The ratio is the median over steps.
+    The same batches also go through TRL's fused LM-head loss, which the Trainer uses on CUDA
+    (``sft.use_fused_lm_head``): its forward+backward time is reported beside the raw one.
     """
     from transformers import TrainerCallback
 
@@ -99,21 +101,27 @@ def step_time_ratio(params: sft.SFTParams, steps: int = 40, warmup: int = 8, rep
     def median(values: list[float]) -> float:  # the upper median: a measured value, never an average of two
         return sorted(values)[len(values) // 2]
 
-    trainer_steps, raw_steps = [], []
-    for step in range(warmup + 1, steps):  # the interval ending at step `step` trained on batches[step]
-        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batches[step].items()}
+    def fwd_bwd_seconds(batch: dict, **loss_kwargs) -> float:
         timings = []
         for _ in range(repeats):
             begin = time.perf_counter()
-            model(**batch).loss.backward()
+            model(**batch, **loss_kwargs).loss.backward()
             timings.append(time.perf_counter() - begin)
             model.zero_grad(set_to_none=True)
+        return median(timings)
+
+    trainer_steps, raw_steps, fused_steps = [], [], []
+    for step in range(warmup + 1, steps):  # the interval ending at step `step` trained on batches[step]
+        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batches[step].items()}
         trainer_steps.append(clock.ends[step] - clock.ends[step - 1])
-        raw_steps.append(median(timings))
+        raw_steps.append(fwd_bwd_seconds(batch))
+        # TRL's fused LM-head loss on the same batch (SFTTrainer patched it in, whichever loss trained)
+        fused_steps.append(fwd_bwd_seconds(batch, fused_lm_head=True))
     ratios = sorted(t / r for t, r in zip(trainer_steps, raw_steps, strict=True))
     return {"trainer_s_per_step": median(trainer_steps), "raw_fwd_bwd_s": median(raw_steps),
             "ratio": median(ratios), "steps_compared": len(ratios),
-            "ratio_quartiles": [ratios[len(ratios) // 4], ratios[3 * len(ratios) // 4]]}
+            "ratio_quartiles": [ratios[len(ratios) // 4], ratios[3 * len(ratios) // 4]],
+            "fused_lm_head": sft.use_fused_lm_head(params), "trl_fused_fwd_bwd_s": median(fused_steps)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=sft.DEMO["scenes"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--image_size", type=int, default=sft.DEMO["image_size"], help="the twin's pixels a side")
     parser.add_argument("--vision_steps", type=int, default=sft.DEMO["vision_steps"])
     parser.add_argument("--pretrain_steps", type=int, default=sft.DEMO["pretrain_steps"])
     parser.add_argument("--pretrain_lr", type=float, default=sft.DEMO["pretrain_lr"])
@@ -129,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora_r", type=int, default=sft.DEMO["lora_r"])
     parser.add_argument("--batch_size", type=int, default=sft.DEMO["batch_size"])
     parser.add_argument("--lora_target_modules", default=sft.DEMO["lora_target_modules"],
-                        help="PEFT regex; default: language model + vision tower of the twin")
+                        help="PEFT regex; default: the language model and the merger (sft.DEMO)")
     parser.add_argument("--num_workers", type=int, default=sft.DEMO["num_workers"],
                         help="dataloader workers: collate the next batch while this one trains")
     parser.add_argument("--test_limit", type=int, default=0, help="0: the whole test split")
@@ -140,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     base = twin_pretrain.build_demo_base("tiny-qwen2-vl", data_dir, image_root, "runs/models",
                                          vision_steps=args.vision_steps, caption_steps=args.pretrain_steps,
-                                         lr=args.pretrain_lr, batch_size=args.batch_size, seed=args.seed)
+                                         lr=args.pretrain_lr, batch_size=args.batch_size, seed=args.seed,
+                                         image_size=args.image_size)
     pretrain_seconds = time.perf_counter() - start
     truth = sft.ground_truth(image_root)
     test = [{"image": r["image"], "prompt": families.record_prompt(r)}
@@ -193,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pretrain {pretrain_seconds:.0f}s (cached when ~0) | SFT {result.global_step} steps in "
           f"{result.train_seconds:.0f}s, {result.samples_per_second:.2f} samples/s | peak RSS {peak_mb:.0f} MB | "
           f"trainer/raw step {ratio['ratio']:.2f} ({ratio['trainer_s_per_step']:.3f}s vs {ratio['raw_fwd_bwd_s']:.3f}s; "
-          f"whole run incl. cold first epoch {ratio['whole_run_ratio']:.2f})")
+          f"whole run incl. cold first epoch {ratio['whole_run_ratio']:.2f}) | TRL's fused LM-head loss on the same "
+          f"batches {ratio['trl_fused_fwd_bwd_s']:.3f}s per forward+backward")
     print("targets, greedy: " + ", ".join(f"{k} {'OK' if v else 'MISSED'}" for k, v in checks.items()))
     print("targets, constrained: " + ", ".join(f"{k} {'OK' if v else 'MISSED'}" for k, v in checks_constrained.items()))
     write_json(resolve("runs/benchmarks/sft.json"), {

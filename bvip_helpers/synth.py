@@ -21,7 +21,10 @@ import csv
 import io
 import json
 import math
+import multiprocessing
+import os
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -925,9 +928,20 @@ def _write_png(path: Path, image: Image.Image) -> None:
         image.save(tmp, format="PNG", optimize=True)
 
 
+def _draw_and_write(task: tuple[int, int, tuple[int, int], str, bool, Path, int]) -> Scene:
+    """Draw one scene and write its image (and mask); a worker of :func:`generate_dataset`."""
+    index, seed, image_size, split, masks, out, jpeg_quality = task
+    scene, image, mask = make_scene(index, seed, image_size, split, with_mask=masks)
+    _write_jpeg(out / scene.image_path, image, jpeg_quality)
+    if mask is not None:
+        _write_png(out / scene.mask_path, Image.fromarray(mask.astype(np.uint8), mode="L"))
+        scene.has_mask = True
+    return scene
+
+
 def generate_dataset(out_dir: str | Path, n: int = 1000, seed: int = 0, image_size: tuple[int, int] = (256, 192),
                      show_progress: bool = True, quirks: bool = True, jpeg_quality: int = 85,
-                     masks: bool = True) -> dict[str, Path]:
+                     masks: bool = True, workers: int = 0) -> dict[str, Path]:
     """Draw ``n`` scenes into ``out_dir`` and write the two SENSATION-style CSVs.
 
     With ``masks`` each scene's label mask is saved as a PNG (``<split dir>/masks/``, pixel values
@@ -937,27 +951,29 @@ def generate_dataset(out_dir: str | Path, n: int = 1000, seed: int = 0, image_si
 
     With ``quirks`` (the default) the annotations carry two of the real file's flaws so the
     dataset builder's checks have something to report: one exact duplicate row and one row
-    whose object cells are all empty (like the real ``0066.jpg``). Returns the paths
-    ``captions_csv``, ``annotations_csv``, ``image_root`` and ``scenes_jsonl``.
+    whose object cells are all empty (like the real ``0066.jpg``). ``workers`` processes draw the
+    scenes (0: one per CPU core); every scene depends only on (index, seed), so the files are the same
+    for any number. Returns the paths ``captions_csv``, ``annotations_csv``, ``image_root`` and
+    ``scenes_jsonl``.
     """
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     out = resolve(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     splits = assign_splits(n, seed)
-    scenes: list[Scene] = []
-    indices = range(n)
-    if show_progress:
-        from tqdm.auto import tqdm
+    tasks = [(index, seed, image_size, splits[index], masks, out, jpeg_quality) for index in range(n)]
+    workers = min(workers or os.cpu_count() or 1, max(1, n // 64))  # a pool only pays off for many scenes
+    with ExitStack() as stack:
+        if workers > 1:  # spawned, not forked: safe inside a Jupyter kernel that already runs torch threads
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
+            drawn: Any = pool.imap(_draw_and_write, tasks, chunksize=16)
+        else:
+            drawn = map(_draw_and_write, tasks)
+        if show_progress:
+            from tqdm.auto import tqdm
 
-        indices = tqdm(indices, desc="synth", unit="scene")
-    for index in indices:
-        scene, image, mask = make_scene(index, seed, image_size, splits[index], with_mask=masks)
-        _write_jpeg(out / scene.image_path, image, jpeg_quality)
-        if mask is not None:
-            _write_png(out / scene.mask_path, Image.fromarray(mask.astype(np.uint8), mode="L"))
-            scene.has_mask = True
-        scenes.append(scene)
+            drawn = tqdm(drawn, total=n, desc="synth", unit="scene")
+        scenes: list[Scene] = list(drawn)
 
     rows = [annotation_row(s) for s in scenes]
     if quirks and n >= 4:
@@ -1054,11 +1070,13 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare_to", default=None, metavar="REAL_CSV",
                         help="print label frequencies next to this real annotations CSV")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--workers", type=int, default=0, help="drawing processes (0: one per CPU core)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     paths = generate_dataset(args.out_dir, n=args.n, seed=args.seed, image_size=args.image_size,
-                             show_progress=not args.quiet, quirks=not args.no_quirks, jpeg_quality=args.jpeg_quality)
+                             show_progress=not args.quiet, quirks=not args.no_quirks, jpeg_quality=args.jpeg_quality,
+                             workers=args.workers)
     for key, path in paths.items():
         print(f"{key}: {path}")
     if args.compare_to:

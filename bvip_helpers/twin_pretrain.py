@@ -234,7 +234,7 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
     Two throw-away heads on the merged image tokens: one labels every patch (object patches weighted
     by :data:`OBJECT_PATCH_WEIGHT`), one tells from the tokens' mean which object classes are close
     (:func:`close_classes`). Every step sees new random views of the scenes (:func:`augment_view`), so
-    3,000 steps over 3,196 scenes do not simply memorise them.
+    2,000 steps over 3,196 scenes do not simply memorise them.
     Returns ``out_dir``; a rerun with the same settings and twin returns the cached folder at once.
     """
     import torch
@@ -416,8 +416,10 @@ def _weights_stamp(model_dir: Path) -> Any:
 
 def build_demo_base(model: str, data_dir: str | os.PathLike[str], image_root: str | os.PathLike[str],
                     models_dir: str | os.PathLike[str], *, vision_steps: int, caption_steps: int,
-                    lr: float = 1e-3, batch_size: int = 16, seed: int = 0) -> Path:
-    """``tiny-<family>`` -> twin -> vision pre-training -> caption pre-training; returns the base folder.
+                    lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
+                    image_size: int = twins.DEFAULT_IMAGE_SIZE) -> Path:
+    """``tiny-<family>`` -> twin (``image_size`` pixels a side) -> vision pre-training -> caption
+    pre-training; returns the base folder.
 
     Folders under ``models_dir``: ``<model>`` (the random twin), ``<model>-vision`` and ``<model>-base``.
     ``vision_steps=0`` skips stage 1 (the only choice for families other than Qwen2-VL).
@@ -425,7 +427,8 @@ def build_demo_base(model: str, data_dir: str | os.PathLike[str], image_root: st
     if not model.startswith("tiny-"):
         raise ValueError(f"{model!r} is not a tiny twin; a real checkpoint is its own base model")
     models_dir = resolve(models_dir)
-    twin = twins.build_tiny_model(model.removeprefix("tiny-"), models_dir / model, data_dir=data_dir, seed=seed)
+    twin = twins.build_tiny_model(model.removeprefix("tiny-"), models_dir / model, data_dir=data_dir, seed=seed,
+                                  image_size=image_size)
     start = twin
     if vision_steps:
         start = pretrain_twin_vision(twin, image_root, models_dir / f"{model}-vision", max_steps=vision_steps,

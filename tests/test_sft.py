@@ -246,6 +246,7 @@ def test_notebook_03_defaults_match_the_benchmarked_demo_settings():
     assert params["max_steps"] == sft.DEMO["sft_steps"]
     assert params["pretrain_steps"] == sft.DEMO["pretrain_steps"]
     assert params["vision_steps"] == sft.DEMO["vision_steps"]
+    assert params["twin_image_size"] == sft.DEMO["image_size"]
     assert params["lr"] == sft.DEMO["lr"]
     assert params["lora_r"] == sft.DEMO["lora_r"]
     assert params["batch_size"] == sft.DEMO["batch_size"]
@@ -263,3 +264,38 @@ def test_collator_cache_stays_within_its_budget_and_batches_alike(sample_data, t
     assert len(cached._encoded) == 4 and not uncached._encoded
     for key, value in plain.items():
         assert torch.equal(first[key], value) and torch.equal(again[key], value), key
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "smolvlm"])
+def test_plain_loss_matches_trls_fused_loss_and_logs_the_same_metrics(family, sample_data, twin_root, tmp_path):
+    """fused_lm_head=off (the CPU default) must train exactly like TRL's fused LM head: same loss, same gradients."""
+    model_dir = twin(family, twin_root, sample_data)
+    spec = get_spec(str(model_dir))
+    results = {}
+    for choice in ("on", "off"):
+        p = params(model_dir, sample_data, tmp_path / choice, fused_lm_head=choice)
+        records = sft.load_split(p, "train")[:4]
+        torch.manual_seed(0)
+        model, processor = sft.prepare_model(p, spec)
+        trainer = sft.build_trainer(p, spec, model, processor, records)
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, trainer.data_collator(records))
+        loss.backward()
+        grads = {n: w.grad.clone() for n, w in trainer.model.named_parameters() if w.grad is not None}
+        results[choice] = loss.item(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    (fused_loss, fused_grads, fused_logs), (plain_loss, plain_grads, plain_logs) = results["on"], results["off"]
+    assert plain_loss == pytest.approx(fused_loss, rel=1e-5)
+    assert fused_grads.keys() == plain_grads.keys() and fused_grads
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(plain_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert plain_logs.keys() == fused_logs.keys() >= {"entropy", "mean_token_accuracy", "num_tokens"}
+    for key, value in fused_logs.items():
+        assert plain_logs[key] == pytest.approx(value, rel=1e-4), key
+
+
+def test_fused_lm_head_setting_is_checked():
+    with pytest.raises(ValueError, match="fused_lm_head"):
+        sft.use_fused_lm_head(sft.SFTParams(fused_lm_head="maybe"))
+    assert sft.use_fused_lm_head(sft.SFTParams(fused_lm_head="on"))
+    assert not sft.use_fused_lm_head(sft.SFTParams(fused_lm_head="off"))
+    assert sft.use_fused_lm_head(sft.SFTParams()) == torch.cuda.is_available()

@@ -94,6 +94,16 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
         assert (a["image_root"] / rel).read_bytes() == (b["image_root"] / rel).read_bytes()
 
 
+def test_drawing_processes_change_no_byte(tmp_path):
+    serial = synth.generate_dataset(tmp_path / "serial", n=130, seed=5, show_progress=False, workers=1)
+    pooled = synth.generate_dataset(tmp_path / "pooled", n=130, seed=5, show_progress=False, workers=2)
+    files = sorted(p.relative_to(serial["image_root"]) for p in serial["image_root"].rglob("*") if p.is_file())
+    assert len(files) == 2 * 130 + 3  # images, masks, two CSVs and the scenes file
+    assert files == sorted(p.relative_to(pooled["image_root"]) for p in pooled["image_root"].rglob("*") if p.is_file())
+    for rel in files:
+        assert (serial["image_root"] / rel).read_bytes() == (pooled["image_root"] / rel).read_bytes(), rel
+
+
 def test_all_six_classes_appear(dataset200):
     rows = [dict(zip(REAL_HEADER, r, strict=True)) for r in _rows(dataset200["annotations_csv"])[1:]]
     for obj in OBJECT_CLASSES:
