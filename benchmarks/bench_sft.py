@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=sft.DEMO["scenes"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--image_size", type=int, default=sft.DEMO["image_size"], help="the twin's pixels a side")
+    parser.add_argument("--image_size", type=int, default=sft.DEMO["image_size"], help="the twin's longest image side, pixels")
     parser.add_argument("--vision_steps", type=int, default=sft.DEMO["vision_steps"])
     parser.add_argument("--pretrain_steps", type=int, default=sft.DEMO["pretrain_steps"])
     parser.add_argument("--pretrain_lr", type=float, default=sft.DEMO["pretrain_lr"])

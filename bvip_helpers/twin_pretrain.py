@@ -47,7 +47,8 @@ PATCH_CLASSES = ("other", "sidewalk", "road", *(f"{o.name} close" for o in OBJEC
                  *(f"{o.name} far" for o in OBJECT_CLASSES))
 VISION_FAMILIES = ("qwen2-vl", "qwen2.5-vl")
 #: Object patches weigh this much more than surface and "other" patches in the patch loss: a close cone
-#: covers two patches of 48, and without the weight the tower spends itself on the large surfaces.
+#: covers a few patches of the 120 (168 x 140 pixels), and without the weight the tower spends itself on the
+#: large surfaces.
 OBJECT_PATCH_WEIGHT = 3.0
 #: An object labels a patch once it covers this fraction of it (see :func:`patch_labels`).
 MIN_OBJECT_COVER = 0.1
@@ -187,6 +188,14 @@ def epoch_order(factors: list[float], rng: random.Random) -> list[int]:
     return order
 
 
+def merged_image_tokens(vision: Any, processor: Any, pictures: list[Any]) -> tuple[Any, Any]:
+    """The vision tower's merged image tokens for ``pictures`` (the language model's view of them), and
+    the processor's inputs (``image_grid_thw`` gives each image's patch grid)."""
+    inputs = processor.image_processor(images=pictures, return_tensors="pt")
+    tokens = vision(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    return getattr(tokens, "pooler_output", tokens), inputs
+
+
 def vision_check(vision: Any, head: Any, processor: Any, image_root: Path, scenes: list[dict[str, Any]],
                  batch_size: int = 32) -> dict[str, Any]:
     """What the vision stage learned, on held-out scenes: patch accuracy, and per close class the
@@ -201,9 +210,7 @@ def vision_check(vision: Any, head: Any, processor: Any, image_root: Path, scene
         for i in range(0, len(scenes), batch_size):
             batch = scenes[i:i + batch_size]
             pictures = [load_image(safe_image_path(image_root, scene["image_path"])) for scene in batch]
-            inputs = processor.image_processor(images=pictures, return_tensors="pt")
-            tokens = vision(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-            tokens = getattr(tokens, "pooler_output", tokens)
+            tokens, inputs = merged_image_tokens(vision, processor, pictures)
             predicted = head(tokens).view(-1, len(PATCH_CLASSES)).argmax(-1)
             per_image = [int(t * h * w) for t, h, w in inputs["image_grid_thw"]]
             for scene, grid, guess in zip(batch, inputs["image_grid_thw"], predicted.split(per_image), strict=True):
@@ -287,9 +294,7 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
                 loaded[scene["image_path"]] = (load_image(safe_image_path(image_root, scene["image_path"])),
                                                _load_mask(image_root, scene))
         pictures, masks = zip(*(augment_view(*loaded[scene["image_path"]], rng) for scene in batch), strict=True)
-        inputs = processor.image_processor(images=list(pictures), return_tensors="pt")
-        tokens = vision(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-        tokens = getattr(tokens, "pooler_output", tokens)  # merged image tokens, the LM's view
+        tokens, inputs = merged_image_tokens(vision, processor, list(pictures))
         labels = torch.tensor([label for scene, grid, mask in zip(batch, inputs["image_grid_thw"], masks, strict=True)
                                for label in patch_labels(mask, scene["items"], int(grid[1]), int(grid[2]))])
         loss = torch.nn.functional.cross_entropy(head(tokens).view(-1, len(PATCH_CLASSES)), labels,
@@ -418,8 +423,8 @@ def build_demo_base(model: str, data_dir: str | os.PathLike[str], image_root: st
                     models_dir: str | os.PathLike[str], *, vision_steps: int, caption_steps: int,
                     lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
                     image_size: int = twins.DEFAULT_IMAGE_SIZE) -> Path:
-    """``tiny-<family>`` -> twin (``image_size`` pixels a side) -> vision pre-training -> caption
-    pre-training; returns the base folder.
+    """``tiny-<family>`` -> twin (``image_size`` pixels on its longest image side) -> vision pre-training
+    -> caption pre-training; returns the base folder.
 
     Folders under ``models_dir``: ``<model>`` (the random twin), ``<model>-vision`` and ``<model>-base``.
     ``vision_steps=0`` skips stage 1 (the only choice for families other than Qwen2-VL).
