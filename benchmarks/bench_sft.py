@@ -132,13 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image_size", type=int, default=sft.DEMO["image_size"], help="the twin's longest image side, pixels")
     parser.add_argument("--vision_steps", type=int, default=sft.DEMO["vision_steps"])
     parser.add_argument("--pretrain_steps", type=int, default=sft.DEMO["pretrain_steps"])
-    parser.add_argument("--pretrain_lr", type=float, default=sft.DEMO["pretrain_lr"])
+    parser.add_argument("--pretrain_lr", type=float, default=sft.DEMO["pretrain_lr"], help="caption pre-training")
+    parser.add_argument("--vision_lr", type=float, default=sft.DEMO["vision_lr"], help="vision pre-training")
     parser.add_argument("--sft_steps", type=int, default=sft.DEMO["sft_steps"])
     parser.add_argument("--lr", type=float, default=sft.DEMO["lr"])
     parser.add_argument("--lora_r", type=int, default=sft.DEMO["lora_r"])
     parser.add_argument("--batch_size", type=int, default=sft.DEMO["batch_size"])
     parser.add_argument("--lora_target_modules", default=sft.DEMO["lora_target_modules"],
                         help="PEFT regex; default: the language model and the merger (sft.DEMO)")
+    parser.add_argument("--lora_modules_to_save", default=sft.DEMO["lora_modules_to_save"],
+                        help="modules trained in full beside LoRA; default: the twin's output layer (sft.DEMO)")
     parser.add_argument("--num_workers", type=int, default=sft.DEMO["num_workers"],
                         help="dataloader workers: collate the next batch while this one trains")
     parser.add_argument("--test_limit", type=int, default=0, help="0: the whole test split")
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     base = twin_pretrain.build_demo_base("tiny-qwen2-vl", data_dir, image_root, "runs/models",
                                          vision_steps=args.vision_steps, caption_steps=args.pretrain_steps,
-                                         lr=args.pretrain_lr, batch_size=args.batch_size, seed=args.seed,
+                                         lr=args.pretrain_lr, vision_lr=args.vision_lr, batch_size=args.batch_size, seed=args.seed,
                                          image_size=args.image_size)
     pretrain_seconds = time.perf_counter() - start
     truth = sft.ground_truth(image_root)
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                                             out.parent / "sft_zero_shot_test.jsonl")
     params = sft.SFTParams(model=str(base), data_dir=str(data_dir), image_root=str(image_root), output_dir=str(out),
                            method="lora", lora_r=args.lora_r, lora_alpha=args.lora_r,
-                           lora_target_modules=args.lora_target_modules, num_workers=args.num_workers, max_steps=args.sft_steps,
+                           lora_target_modules=args.lora_target_modules,
+                           lora_modules_to_save=args.lora_modules_to_save, num_workers=args.num_workers, max_steps=args.sft_steps,
                            lr=args.lr, batch_size=args.batch_size, seed=args.seed, logging_steps=20,
                            lr_scheduler="cosine", warmup=0.05, eval=True, eval_limit=32, figure_name="bench_sft_loss")
     result = sft.train_sft(params)

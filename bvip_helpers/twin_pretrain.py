@@ -421,13 +421,14 @@ def _weights_stamp(model_dir: Path) -> Any:
 
 def build_demo_base(model: str, data_dir: str | os.PathLike[str], image_root: str | os.PathLike[str],
                     models_dir: str | os.PathLike[str], *, vision_steps: int, caption_steps: int,
-                    lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
+                    lr: float = 1e-3, vision_lr: float | None = None, batch_size: int = 16, seed: int = 0,
                     image_size: int = twins.DEFAULT_IMAGE_SIZE) -> Path:
     """``tiny-<family>`` -> twin (``image_size`` pixels on its longest image side) -> vision pre-training
     -> caption pre-training; returns the base folder.
 
     Folders under ``models_dir``: ``<model>`` (the random twin), ``<model>-vision`` and ``<model>-base``.
-    ``vision_steps=0`` skips stage 1 (the only choice for families other than Qwen2-VL).
+    ``vision_steps=0`` skips stage 1 (the only choice for families other than Qwen2-VL). ``vision_lr``
+    (default ``lr``) is stage 1's learning rate, ``lr`` stage 2's.
     """
     if not model.startswith("tiny-"):
         raise ValueError(f"{model!r} is not a tiny twin; a real checkpoint is its own base model")
@@ -437,7 +438,7 @@ def build_demo_base(model: str, data_dir: str | os.PathLike[str], image_root: st
     start = twin
     if vision_steps:
         start = pretrain_twin_vision(twin, image_root, models_dir / f"{model}-vision", max_steps=vision_steps,
-                                     lr=lr, batch_size=batch_size, seed=seed)
+                                     lr=vision_lr or lr, batch_size=batch_size, seed=seed)
     return pretrain_twin_base(start, image_root, models_dir / f"{model}-base", max_steps=caption_steps, lr=lr,
                               batch_size=batch_size, seed=seed, train_vision=not vision_steps)
 

@@ -247,6 +247,7 @@ def test_notebook_03_defaults_match_the_benchmarked_demo_settings():
     assert params["pretrain_steps"] == sft.DEMO["pretrain_steps"]
     assert params["vision_steps"] == sft.DEMO["vision_steps"]
     assert params["twin_image_size"] == sft.DEMO["image_size"]
+    assert params["twin_train_lm_head"] == (sft.DEMO["lora_modules_to_save"] == "lm_head")
     assert params["lr"] == sft.DEMO["lr"]
     assert params["lora_r"] == sft.DEMO["lora_r"]
     assert params["batch_size"] == sft.DEMO["batch_size"]
@@ -266,14 +267,17 @@ def test_collator_cache_stays_within_its_budget_and_batches_alike(sample_data, t
         assert torch.equal(first[key], value) and torch.equal(again[key], value), key
 
 
-@pytest.mark.parametrize("family", ["qwen2-vl", "smolvlm"])
-def test_plain_loss_matches_trls_fused_loss_and_logs_the_same_metrics(family, sample_data, twin_root, tmp_path):
-    """fused_lm_head=off (the CPU default) must train exactly like TRL's fused LM head: same loss, same gradients."""
+@pytest.mark.parametrize(("family", "modules_to_save"), [("qwen2-vl", ""), ("smolvlm", ""), ("qwen2-vl", "lm_head")])
+def test_plain_loss_matches_trls_fused_loss_and_logs_the_same_metrics(family, modules_to_save, sample_data, twin_root,
+                                                                       tmp_path):
+    """fused_lm_head=off (the CPU default) must train exactly like TRL's fused LM head: same loss, same gradients,
+    the output layer included when it is trained beside the adapter (the demo's ``lora_modules_to_save``)."""
     model_dir = twin(family, twin_root, sample_data)
     spec = get_spec(str(model_dir))
     results = {}
     for choice in ("on", "off"):
-        p = params(model_dir, sample_data, tmp_path / choice, fused_lm_head=choice)
+        p = params(model_dir, sample_data, tmp_path / choice, fused_lm_head=choice,
+                   lora_modules_to_save=modules_to_save)
         records = sft.load_split(p, "train")[:4]
         torch.manual_seed(0)
         model, processor = sft.prepare_model(p, spec)
@@ -286,6 +290,7 @@ def test_plain_loss_matches_trls_fused_loss_and_logs_the_same_metrics(family, sa
     (fused_loss, fused_grads, fused_logs), (plain_loss, plain_grads, plain_logs) = results["on"], results["off"]
     assert plain_loss == pytest.approx(fused_loss, rel=1e-5)
     assert fused_grads.keys() == plain_grads.keys() and fused_grads
+    assert any("lm_head" in name for name in plain_grads) == bool(modules_to_save)
     for name, grad in fused_grads.items():
         torch.testing.assert_close(plain_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert plain_logs.keys() == fused_logs.keys() >= {"entropy", "mean_token_accuracy", "num_tokens"}

@@ -135,6 +135,10 @@ def test_vision_pretraining_changes_only_the_vision_tower_and_is_cached(tiny_twi
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     twin_pretrain.pretrain_twin_vision(twin, SAMPLE, out, max_steps=6, batch_size=4, show_progress=False)
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # cache hit: not retrained
+    again = twin_pretrain.pretrain_twin_vision(twin, SAMPLE, tmp_path / "again", max_steps=6, batch_size=4,
+                                               show_progress=False)
+    rerun = load_file(again / "model.safetensors")  # same seed, same tower
+    assert all(torch.equal(after[k], rerun[k]) for k in after)
 
 
 def test_vision_pretraining_refuses_other_families_and_real_captions(tiny_twin, tmp_path: Path):
