@@ -599,7 +599,9 @@ def merge_and_check(params: SFTParams, spec: Any, model: Any, processor: Any, va
 #   0.15 / 0.3): 0.85 / 0.91 (0.83 / 0.90) and 0.86 / 0.91 (0.87 / 0.90), no gain on val;
 # - 1500 caption steps with 3000 vision steps: 0.89 / 0.91 (0.88 / 0.94), but 1000 more vision steps are ~190 s
 #   more than the demo's 20 minutes allow;
-#   vision lr 2e-3 instead of 1e-3 at 2000 vision steps (this demo): 0.88 / 0.93 (0.87 / 0.91).
+#   vision lr 2e-3 instead of 1e-3 at 2000 vision steps (this demo): 0.88 / 0.93 (0.87 / 0.91) with the vision
+#   stage on one thread, 0.85 / 0.91 (0.88 / 0.93) all on two (make demo); from that base, 1000 SFT steps
+#   instead of 800: 0.86 / 0.92 (0.897 / 0.934), not adopted yet.
 # On ~400 images, differences of a few points are noise.
 DEMO = {"scenes": 4000, "image_size": 168, "vision_steps": 2000, "vision_lr": 2e-3, "pretrain_steps": 1500,
         "pretrain_lr": 1e-3, "sft_steps": 800, "lr": 4e-3, "lora_r": 64, "batch_size": 16, "num_workers": 0,
