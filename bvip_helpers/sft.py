@@ -222,12 +222,17 @@ def format_budget(budget: dict[str, Any]) -> str:
 # --- Model ------------------------------------------------------------------
 
 
+def _module_names(text: str) -> list[str]:
+    """Module names from a comma list (``--lora_target_modules``, ``--lora_modules_to_save``)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def _target_modules(params: SFTParams, spec: Any) -> Any:
     raw = params.lora_target_modules or getattr(spec, "lora_target_modules", None)
     if not raw:
         raise ValueError(f"{params.model}: the registry lists no LoRA target modules; pass --lora_target_modules")
     if isinstance(raw, str) and "," in raw:
-        return [s.strip() for s in raw.split(",") if s.strip()]
+        return _module_names(raw)
     return raw if isinstance(raw, str) else list(raw)
 
 
@@ -264,7 +269,7 @@ def prepare_model(params: SFTParams, spec: Any) -> tuple[Any, Any]:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
     config = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
                         target_modules=_target_modules(params, spec), bias="none",
-                        modules_to_save=[m.strip() for m in params.lora_modules_to_save.split(",") if m.strip()] or None)
+                        modules_to_save=_module_names(params.lora_modules_to_save) or None)
     model = get_peft_model(model, config)  # freezes every base weight, vision tower and projector included
     return model, processor
 
