@@ -26,6 +26,9 @@ Two families of metrics, side by side:
     same multiset (exact match, e.g. ``[left, right]`` vs ``[left, right]``; a position the
     parser could not read counts as ``unknown`` and so as wrong).
     *count_accuracy*: over the same pairs, the fraction with equal object counts.
+  - *near_recall_by_crowding*: near recall split by how many close classes the ground-truth
+    scene has (``1``, ``2``, ``3+``), with the pairs and the found pairs of each group: does the
+    model lose objects in crowded scenes?
   - *hallucinated_objects*: pairs named in ``Nearby:`` that are absent from the ground-truth
     near cells (a class that is only far in the ground truth still counts);
     *hallucination_rate*: the fraction of images with at least one.
@@ -88,6 +91,8 @@ ALLOWED_SECTION_ORDERS = (
     ["fields", "nearby", "context"],
     ["fields", "nearby", "far", "context"],
 )
+#: Groups of ``near_recall_by_crowding``: scenes with 1, 2, and 3 or more close classes.
+CROWDING_GROUPS = ("1", "2", "3+")
 
 
 # --- small helpers -----------------------------------------------------------
@@ -251,10 +256,15 @@ def structured_metrics(texts: pd.Series, ground_truth: pd.DataFrame, fields: pd.
     matched = same_positions = same_count = 0
     hallucinated_images = critical_gt = critical_missed = 0
     critical = {o.name for o in schema.OBJECT_CLASSES if o.critical}
+    crowding = {group: {"pairs": 0, "found": 0} for group in CROWDING_GROUPS}
     for row, caption in enumerate(parsed):
         truth = {name: positions[row] for name, positions in gt_near.items() if positions[row]}
         said = {name: where for name, where in caption.near.items() if where}  # "0 cars" names no car
         hallucinated_images += any(name not in truth for name in said)
+        if truth:
+            group = crowding[CROWDING_GROUPS[min(len(truth), len(CROWDING_GROUPS)) - 1]]
+            group["pairs"] += len(truth)
+            group["found"] += sum(name in said for name in truth)
         for name, positions in truth.items():
             if name in critical:
                 critical_gt += 1
@@ -277,6 +287,8 @@ def structured_metrics(texts: pd.Series, ground_truth: pd.DataFrame, fields: pd.
         "far_objects": far,
         "position_accuracy": _ratio(same_positions, matched),
         "count_accuracy": _ratio(same_count, matched),
+        "near_recall_by_crowding": {group: {**c, "recall": _ratio(c["found"], c["pairs"])}
+                                    for group, c in crowding.items()},
         "matched_near_pairs": matched,
         "hallucinated_objects": near["fp"],
         "hallucination_rate": _ratio(hallucinated_images, n),
@@ -436,6 +448,9 @@ def format_report(report: Mapping[str, Any]) -> str:
                   f"position accuracy {_pct(structured['position_accuracy']).strip()}, "
                   f"count accuracy {_pct(structured['count_accuracy']).strip()} "
                   f"(over {structured['matched_near_pairs']} matched near pairs)",
+                  "near recall by close classes in the scene: " + ", ".join(
+                      f"{group}: {_pct(c['recall']).strip()} ({c['found']}/{c['pairs']})"
+                      for group, c in structured["near_recall_by_crowding"].items()),
                   f"hallucinated near objects {structured['hallucinated_objects']} "
                   f"(images affected {_pct(structured['hallucination_rate']).strip()})",
                   f"critical misses {structured['critical_misses']} "

@@ -104,6 +104,27 @@ def plot_object_recall_precision(reports: Reports) -> Any:
     return fig
 
 
+def plot_near_recall_by_crowding(reports: Reports) -> Any:
+    """Near-object recall in scenes with 1, 2, and 3 or more close classes, one bar per model; the
+    ground-truth pairs of each group under its name (few pairs, wide error)."""
+    import matplotlib.pyplot as plt
+
+    from bvip_helpers.evaluate import CROWDING_GROUPS
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    series, pairs = {}, dict.fromkeys(CROWDING_GROUPS, 0)
+    for name, report in reports.items():
+        by_group = report.get("structured", {}).get("near_recall_by_crowding", {})
+        series[name] = [_num(by_group.get(g, {}).get("recall")) for g in CROWDING_GROUPS]
+        pairs = {g: max(pairs[g], by_group.get(g, {}).get("pairs", 0)) for g in CROWDING_GROUPS}
+    _bars(ax, [f"{g} close class{'es' if g != '1' else ''}\n({pairs[g]} pairs)" for g in CROWDING_GROUPS], series)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("near-object recall")
+    ax.set_title("are objects lost in crowded scenes?")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
 def plot_confusions(report: Mapping[str, Any], title: str = "") -> Any:
     """One confusion matrix per field (rows ground truth, columns prediction, counts)."""
     import matplotlib.pyplot as plt
