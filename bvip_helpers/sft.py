@@ -608,7 +608,9 @@ def merge_and_check(params: SFTParams, spec: Any, model: Any, processor: Any, va
 #   stage on one thread, 0.85 / 0.91 (0.88 / 0.93) all on two (make demo); from that base, 1000 SFT steps
 #   instead of 800 (this demo): 0.86 / 0.92 (0.897 / 0.934).
 # - no gain (one thread each): vision repeat-factor threshold 0.5 0.86 / 0.93 (0.87 / 0.93); with object patches
-#   weighted 5x 0.87 / 0.93 (0.88 / 0.95); SFT batch 12 for 1333 steps 0.86 / 0.92 (0.87 / 0.92). SFT seed 1
+#   weighted 5x 0.87 / 0.93 (0.88 / 0.95); caption pre-training at lr 2e-3 0.85 / 0.93 (0.87 / 0.95) and 3e-3
+#   0.85 / 0.90 (0.85 / 0.93); SFT batch 12 for 1333 steps 0.86 / 0.92 (0.87 / 0.92); embed_tokens trained in full
+#   beside lm_head, seeds 0 / 1: 0.84 / 0.93 (0.88 / 0.93) and 0.87 / 0.94 (0.90 / 0.94), SFT 575-594 s vs 464 s. SFT seed 1
 #   instead of 0 on this demo's base, 0.88 / 0.95 (0.90 / 0.93), is the size of the noise, not a choice.
 # On ~400 images, differences of a few points are noise.
 DEMO = {"scenes": 4000, "image_size": 168, "vision_steps": 2000, "vision_lr": 2e-3, "pretrain_steps": 1500,
