@@ -92,32 +92,38 @@ def test_missing_prediction_and_missing_field_count_as_wrong(gt):
     assert report["structured"]["section_order_ok"] == 0.75
 
 
-def test_near_recall_by_crowding_groups_scenes_by_their_close_classes(gt):
+def preds_missing_the_bicycle(gt: pd.DataFrame) -> list[dict]:
+    """The builder's responses, with the close bicycle of the car + bicycle scene left out."""
     preds = preds_from(gt)
-    preds[2]["text"] = preds[2]["text"].replace("a bicycle close on the right; ", "")  # car + bicycle scene
+    preds[2]["text"] = preds[2]["text"].replace("a bicycle close on the right; ", "")
     assert "bicycle" not in preds[2]["text"]
-    s = ev.evaluate_predictions(preds, gt, "test")["structured"]
+    return preds
+
+
+def test_near_recall_by_crowding_groups_scenes_by_their_close_classes(gt):
+    report = ev.evaluate_predictions(preds_missing_the_bicycle(gt), gt, "test")
     # two scenes with 2 close classes (person + obstacle, car + bicycle), one with 1 (traffic sign)
-    assert s["near_recall_by_crowding"] == {"1": {"pairs": 1, "found": 1, "recall": 1.0},
-                                            "2": {"pairs": 4, "found": 3, "recall": 0.75},
-                                            "3+": {"pairs": 0, "found": 0, "recall": None}}
-    assert "2: 0.750 (3/4)" in ev.format_report(ev.evaluate_predictions(preds, gt, "test"))
+    assert report["structured"]["near_recall_by_crowding"] == {"1": {"pairs": 1, "found": 1, "recall": 1.0},
+                                                               "2": {"pairs": 4, "found": 3, "recall": 0.75},
+                                                               "3+": {"pairs": 0, "found": 0, "recall": None}}
+    assert "2: 0.750 (3/4)" in ev.format_report(report)
 
 
 def test_crowding_figure_draws_each_models_recall_per_group(gt):
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     from bvip_helpers import plots
 
-    preds = preds_from(gt)
-    preds[2]["text"] = preds[2]["text"].replace("a bicycle close on the right; ", "")
     reports = {"perfect": ev.evaluate_predictions(preds_from(gt), gt, "test"),
-               "no bicycle": ev.evaluate_predictions(preds, gt, "test")}
+               "no bicycle": ev.evaluate_predictions(preds_missing_the_bicycle(gt), gt, "test")}
     fig = plots.plot_near_recall_by_crowding(reports)
     heights = [bar.get_height() for bar in fig.axes[0].patches]
     assert heights == [1.0, 1.0, 0.0, 1.0, 0.75, 0.0]  # per model: groups 1, 2, 3+ (3+ absent: no bar height)
     assert "(4 pairs)" in fig.axes[0].get_xticklabels()[1].get_text()
+    plt.close(fig)
 
 
 def test_wrong_value_is_present_but_inaccurate(gt):
