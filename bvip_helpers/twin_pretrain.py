@@ -9,7 +9,8 @@ give it both abilities before SFT, on the **train split only** of the synthetic 
    saves a label mask per scene) and the tower plus a throw-away linear head learn those labels,
    like a vision encoder pre-trained on segmentation data; a second throw-away head learns from the
    mean image token which object classes are close. Scenes with rare close classes (cars, bicycles)
-   are shown more often (:func:`repeat_factors`), and a check on the val scenes
+   are shown more often (:func:`repeat_factors`), every view gets a close item of another scene pasted
+   in (copy-paste augmentation, :func:`paste_object`), and a check on the val scenes
    (:func:`vision_check`, saved in ``vision_pretrain.json``) says how many close objects the tower
    finds before any captioning is trained. Without this stage the twin learns where
    the sidewalk and road are (large regions) but hardly ever the close objects: through the
@@ -61,6 +62,12 @@ PRESENCE_WEIGHT = 1.0
 REPEAT_THRESHOLD = 0.15
 #: Vision pre-training crops at least this much of each side (see :func:`augment_view`).
 CROP_SCALE = 0.8
+#: Copy-paste augmentation (Ghiasi et al., CVPR 2021): the chance that a vision pre-training view gets one more
+#: close item, cut along its label mask out of another training scene (see :func:`paste_object`). Every view
+#: gets one: the tower then sees each bicycle, car and bollard in front of many backgrounds, not only its own.
+#: Pasting into half of the views did less on val; pasting only the classes rarer than :data:`REPEAT_THRESHOLD`
+#: tied on val, with a tower that a probe read less well (README, "What the CPU demo shows").
+COPY_PASTE_RATE = 1.0
 
 
 # --- Cache stamps --------------------------------------------------------------
@@ -181,6 +188,55 @@ def repeat_factors(scenes: list[dict[str, Any]], threshold: float = REPEAT_THRES
     return [max([1.0, *(factor[c] for c, present in enumerate(row) if present)]) for row in presence]
 
 
+def paste_bank(scenes: list[dict[str, Any]]) -> dict[str, list[tuple[int, int]]]:
+    """What copy-paste may take: every close item of the scenes as ``(scene index, item index)``, grouped
+    by kind, so a paste picks the kind first (each kind equally often) and rare classes are pasted as
+    often as common ones. Close scenery (grass, plants, trees) is in it too: its patches stay "other",
+    which teaches the tower that not every blob in front of the camera is an object."""
+    bank: dict[str, list[tuple[int, int]]] = {}
+    for s, scene in enumerate(scenes):
+        for i, item in enumerate(scene["items"]):
+            if item["near"]:
+                bank.setdefault(item["kind"], []).append((s, i))
+    return bank
+
+
+def paste_object(image: Any, mask: Any, items: list[dict[str, Any]], source_image: Any, source_mask: Any,
+                 source_item: dict[str, Any], source_index: int,
+                 rng: random.Random) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """Copy-paste: ``source_item`` (item ``source_index`` of a source scene), cut along its label mask, pasted
+    onto a scene.
+
+    The object keeps its height in the picture (so its perspective size stays plausible for a close object),
+    moves to a random horizontal place and is mirrored half the time. It covers what was there; the mask
+    gets the next item value and ``items`` one more entry, so :func:`patch_labels` and :func:`close_classes`
+    see it, and an item it hides completely drops out of :func:`close_classes` as it should. Returns the
+    new image, mask and items; the inputs are left unchanged. A source of another size, or a mask with no
+    item value left, returns the scene as it was.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from bvip_helpers.synth import ITEM_MASK_BASE
+
+    pixels, mask, source_pixels = np.asarray(image), np.asarray(mask), np.asarray(source_image)
+    value = ITEM_MASK_BASE + len(items)
+    cut = np.asarray(source_mask) == ITEM_MASK_BASE + source_index
+    if source_pixels.shape != pixels.shape or value > 255 or not cut.any():
+        return image, mask, items
+    rows, cols = np.flatnonzero(cut.any(1)), np.flatnonzero(cut.any(0))
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    cut, patch = cut[top:bottom, left:right], source_pixels[top:bottom, left:right]
+    if rng.random() < 0.5:
+        cut, patch = cut[:, ::-1], patch[:, ::-1]
+    width = right - left
+    x = rng.randrange(0, pixels.shape[1] - width + 1)
+    pixels, mask = pixels.copy(), mask.copy()
+    pixels[top:bottom, x:x + width][cut] = patch[cut]
+    mask[top:bottom, x:x + width][cut] = value
+    return Image.fromarray(pixels), mask, [*items, {"kind": source_item["kind"], "near": True}]
+
+
 def epoch_order(factors: list[float], rng: random.Random) -> list[int]:
     """One shuffled epoch: scene ``i`` appears ``factors[i]`` times, rounded up or down at random."""
     order = [i for i, r in enumerate(factors) for _ in range(int(r) + (rng.random() < r - int(r)))]
@@ -235,13 +291,15 @@ def vision_check(vision: Any, head: Any, processor: Any, image_root: Path, scene
 
 def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.PathLike[str],
                          out_dir: str | os.PathLike[str], *, max_steps: int, lr: float = 1e-3, batch_size: int = 16,
-                         seed: int = 0, force: bool = False, show_progress: bool = True) -> Path:
+                         seed: int = 0, copy_paste_rate: float = COPY_PASTE_RATE, force: bool = False,
+                         show_progress: bool = True) -> Path:
     """Train a Qwen2-VL twin's vision tower (and merger) to see; save the model to ``out_dir``.
 
     Two throw-away heads on the merged image tokens: one labels every patch (object patches weighted
     by :data:`OBJECT_PATCH_WEIGHT`), one tells from the tokens' mean which object classes are close
-    (:func:`close_classes`). Every step sees new random views of the scenes (:func:`augment_view`), so
-    2,000 steps over 3,196 scenes do not simply memorise them.
+    (:func:`close_classes`). Every step sees new random views of the scenes (:func:`augment_view`), a
+    share ``copy_paste_rate`` of them with a close item of another scene pasted in (:func:`paste_object`),
+    so 2,000 steps over 3,196 scenes do not simply memorise them.
     Returns ``out_dir``; a rerun with the same settings and twin returns the cached folder at once.
     """
     import torch
@@ -256,12 +314,13 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
                 "scenes": str(scenes_file), "scenes_sha1": _sha1(scenes_file), "patch_classes": list(PATCH_CLASSES),
                 "object_patch_weight": OBJECT_PATCH_WEIGHT, "min_object_cover": MIN_OBJECT_COVER,
                 "presence_weight": PRESENCE_WEIGHT, "crop_scale": CROP_SCALE, "repeat_threshold": REPEAT_THRESHOLD,
-                "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed}
+                "copy_paste_rate": copy_paste_rate, "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed}
     if _cached(out_dir, settings, force):
         print(f"vision pretrain: cached in {out_dir}")
         return out_dir
     scenes = read_scenes(image_root, "train")
     factors = repeat_factors(scenes)
+    bank = paste_bank(scenes)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     net, processor = load_model_and_processor(spec)
@@ -289,19 +348,28 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
         if len(order) < batch_size:
             order += epoch_order(factors, rng)
         batch, order = [scenes[i] for i in order[:batch_size]], order[batch_size:]
+        pictures, masks, batch_items = [], [], []
         for scene in batch:
-            if scene["image_path"] not in loaded:
-                loaded[scene["image_path"]] = (load_image(safe_image_path(image_root, scene["image_path"])),
-                                               _load_mask(image_root, scene))
-        pictures, masks = zip(*(augment_view(*loaded[scene["image_path"]], rng) for scene in batch), strict=True)
-        tokens, inputs = merged_image_tokens(vision, processor, list(pictures))
-        labels = torch.tensor([label for scene, grid, mask in zip(batch, inputs["image_grid_thw"], masks, strict=True)
-                               for label in patch_labels(mask, scene["items"], int(grid[1]), int(grid[2]))])
+            image, mask = _loaded_scene(loaded, image_root, scene)
+            items = scene["items"]
+            if copy_paste_rate and bank and rng.random() < copy_paste_rate:
+                source_scene, source_index = rng.choice(bank[rng.choice(sorted(bank))])
+                source = scenes[source_scene]
+                image, mask, items = paste_object(image, mask, items, *_loaded_scene(loaded, image_root, source),
+                                                  source["items"][source_index], source_index, rng)
+            image, mask = augment_view(image, mask, rng)
+            pictures.append(image)
+            masks.append(mask)
+            batch_items.append(items)
+        tokens, inputs = merged_image_tokens(vision, processor, pictures)
+        labels = torch.tensor([label for items, grid, mask in zip(batch_items, inputs["image_grid_thw"], masks,
+                                                                  strict=True)
+                               for label in patch_labels(mask, items, int(grid[1]), int(grid[2]))])
         loss = torch.nn.functional.cross_entropy(head(tokens).view(-1, len(PATCH_CLASSES)), labels,
                                                  weight=class_weights)
         per_image = tokens.split([int(t * h * w) // 4 for t, h, w in inputs["image_grid_thw"]])
         pooled = torch.stack([image_tokens.mean(0) for image_tokens in per_image])
-        present = torch.tensor([close_classes(scene["items"], mask) for scene, mask in zip(batch, masks, strict=True)])
+        present = torch.tensor([close_classes(items, mask) for items, mask in zip(batch_items, masks, strict=True)])
         loss = loss + PRESENCE_WEIGHT * torch.nn.functional.binary_cross_entropy_with_logits(
             presence_head(pooled), present)
         loss.backward()
@@ -329,6 +397,14 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
     print(f"vision pretrain: {max_steps} steps on {len(scenes)} scenes in {seconds:.0f}s, "
           f"final loss {sum(tail) / len(tail):.3f} -> {out_dir}")
     return out_dir
+
+
+def _loaded_scene(loaded: dict[str, tuple[Any, Any]], image_root: Path, scene: dict[str, Any]) -> tuple[Any, Any]:
+    """A training scene's image and label mask, read from disk once."""
+    if scene["image_path"] not in loaded:
+        loaded[scene["image_path"]] = (load_image(safe_image_path(image_root, scene["image_path"])),
+                                       _load_mask(image_root, scene))
+    return loaded[scene["image_path"]]
 
 
 def _load_mask(image_root: Path, scene: dict[str, Any]) -> Any:
@@ -422,13 +498,14 @@ def _weights_stamp(model_dir: Path) -> Any:
 def build_demo_base(model: str, data_dir: str | os.PathLike[str], image_root: str | os.PathLike[str],
                     models_dir: str | os.PathLike[str], *, vision_steps: int, caption_steps: int,
                     lr: float = 1e-3, vision_lr: float | None = None, batch_size: int = 16, seed: int = 0,
-                    image_size: int = twins.DEFAULT_IMAGE_SIZE) -> Path:
+                    image_size: int = twins.DEFAULT_IMAGE_SIZE, copy_paste_rate: float = COPY_PASTE_RATE) -> Path:
     """``tiny-<family>`` -> twin (``image_size`` pixels on its longest image side) -> vision pre-training
     -> caption pre-training; returns the base folder.
 
     Folders under ``models_dir``: ``<model>`` (the random twin), ``<model>-vision`` and ``<model>-base``.
     ``vision_steps=0`` skips stage 1 (the only choice for families other than Qwen2-VL). ``vision_lr``
-    (default ``lr``) is stage 1's learning rate, ``lr`` stage 2's.
+    (default ``lr``) is stage 1's learning rate, ``lr`` stage 2's; ``copy_paste_rate`` is stage 1's share of
+    views with a pasted item (:data:`COPY_PASTE_RATE`).
     """
     if not model.startswith("tiny-"):
         raise ValueError(f"{model!r} is not a tiny twin; a real checkpoint is its own base model")
@@ -438,7 +515,8 @@ def build_demo_base(model: str, data_dir: str | os.PathLike[str], image_root: st
     start = twin
     if vision_steps:
         start = pretrain_twin_vision(twin, image_root, models_dir / f"{model}-vision", max_steps=vision_steps,
-                                     lr=vision_lr or lr, batch_size=batch_size, seed=seed)
+                                     lr=vision_lr or lr, batch_size=batch_size, seed=seed,
+                                     copy_paste_rate=copy_paste_rate)
     return pretrain_twin_base(start, image_root, models_dir / f"{model}-base", max_steps=caption_steps, lr=lr,
                               batch_size=batch_size, seed=seed, train_vision=not vision_steps)
 

@@ -115,6 +115,65 @@ def test_repeat_factors_show_scenes_with_rare_close_classes_more_often():
     assert 1.35 < sum(counts) / len(counts) < 1.65  # rounded up half the time: 1.5 on average
 
 
+def test_paste_bank_groups_every_close_item_by_kind():
+    person, car, far_bicycle, grass = ({"kind": "person", "near": True}, {"kind": "car", "near": True},
+                                       {"kind": "bicycle", "near": False}, {"kind": "grass", "near": True})
+    scenes = [{"items": [person]}] * 3 + [{"items": [far_bicycle, car, person, grass]}] + [{"items": [far_bicycle]}]
+    # far items are never pasted: pasted at a close item's height they would be the wrong size
+    assert twin_pretrain.paste_bank(scenes) == {"person": [(0, 0), (1, 0), (2, 0), (3, 2)], "car": [(3, 1)],
+                                                "grass": [(3, 3)]}
+
+
+def test_pasted_object_keeps_its_pixels_height_and_labels():
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    base = synth.ITEM_MASK_BASE
+    # target: road everywhere, a close person (item 0) in columns 0-9; source: a close bicycle (item 1)
+    # drawn as a 6x8 green block at rows 20-25, columns 30-37
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    mask = np.full((40, 60), synth.MASK_ROAD, np.uint8)
+    mask[:, :10] = base
+    items = [{"kind": "person", "near": True}]
+    source = np.zeros((40, 60, 3), np.uint8)
+    source_mask = np.zeros((40, 60), np.uint8)
+    source[20:26, 30:38, 1], source_mask[20:26, 30:38] = 200, base + 1
+    source_items = [{"kind": "obstacle", "near": False}, {"kind": "bicycle", "near": True}]
+    columns = set()
+    for seed in range(20):
+        image, new_mask, new_items = twin_pretrain.paste_object(
+            Image.fromarray(pixels), mask, items, Image.fromarray(source), source_mask, source_items[1], 1,
+            random.Random(seed))
+        image = np.asarray(image)
+        assert new_items == [*items, {"kind": "bicycle", "near": True}]
+        pasted = new_mask == base + 1
+        rows, cols = np.flatnonzero(pasted.any(1)), np.flatnonzero(pasted.any(0))
+        assert rows.tolist() == list(range(20, 26)) and len(cols) == 8 and pasted.sum() == 48  # same height, whole
+        assert (image[pasted, 1] == 200).all() and (image[~pasted] == 0).all()
+        columns.add(int(cols[0]))
+        visible = twin_pretrain.close_classes(new_items, new_mask)
+        names = [o.name for o in twin_pretrain.OBJECT_CLASSES]
+        assert visible[names.index("bicycle")] == 1.0
+        assert visible[names.index("person")] == float(bool((new_mask == base).any()))
+    assert len(columns) > 5  # it moves sideways
+    assert (mask[:, :10] == base).all() and items == [{"kind": "person", "near": True}]  # inputs untouched
+
+
+def test_paste_object_leaves_a_scene_of_another_size_as_it_was():
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    image, mask = Image.new("RGB", (60, 40)), np.zeros((40, 60), np.uint8)
+    source_mask = np.full((20, 30), synth.ITEM_MASK_BASE, np.uint8)
+    out = twin_pretrain.paste_object(image, mask, [], Image.new("RGB", (30, 20)), source_mask,
+                                     {"kind": "car", "near": True}, 0, random.Random(0))
+    assert out == (image, mask, [])
+
+
 def test_vision_pretraining_changes_only_the_vision_tower_and_is_cached(tiny_twin, tmp_path):
     import torch
     from safetensors.torch import load_file
