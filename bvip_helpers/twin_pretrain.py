@@ -352,6 +352,7 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
         for scene in batch:
             image, mask = _loaded_scene(loaded, image_root, scene)
             items = scene["items"]
+            # at rate 0 no random number is drawn: the views, and the tower, are those without copy-paste
             if copy_paste_rate and bank and rng.random() < copy_paste_rate:
                 source_scene, source_index = rng.choice(bank[rng.choice(sorted(bank))])
                 source = scenes[source_scene]

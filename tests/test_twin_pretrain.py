@@ -161,6 +161,27 @@ def test_pasted_object_keeps_its_pixels_height_and_labels():
     assert (mask[:, :10] == base).all() and items == [{"kind": "person", "near": True}]  # inputs untouched
 
 
+def test_an_item_the_paste_hides_completely_is_no_longer_close():
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    base = synth.ITEM_MASK_BASE
+    # a close car on rows 21-24, columns 10-19; the pasted obstacle spans rows 20-25 across the whole width
+    mask = np.zeros((40, 60), np.uint8)
+    mask[21:25, 10:20] = base
+    source_mask = np.zeros((40, 60), np.uint8)
+    source_mask[20:26, :] = base
+    items = [{"kind": "car", "near": True}]
+    _, new_mask, new_items = twin_pretrain.paste_object(Image.new("RGB", (60, 40)), mask, items,
+                                                        Image.new("RGB", (60, 40)), source_mask,
+                                                        {"kind": "obstacle", "near": True}, 0, random.Random(0))
+    names = [o.name for o in twin_pretrain.OBJECT_CLASSES]
+    assert twin_pretrain.close_classes(items, mask) == [float(name == "car") for name in names]
+    assert twin_pretrain.close_classes(new_items, new_mask) == [float(name == "obstacle") for name in names]
+
+
 def test_paste_object_leaves_a_scene_of_another_size_as_it_was():
     import random
 
