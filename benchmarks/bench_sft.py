@@ -5,7 +5,8 @@
 1. tiny-qwen2-vl twin -> base model: vision pre-training on the scenes' label masks, then generic
    captioning (both cached, see bvip_helpers.twin_pretrain);
 2. zero-shot on the test split (plain captions, mandatory fields missing);
-3. LoRA SFT on the BVIP priority captions (timed), then the test split again, greedy and with
+3. LoRA SFT on the BVIP priority captions, with a pasted copy of each training scene added
+   (bvip_helpers.copy_paste; timed), then the test split again, greedy and with
    schema-constrained decoding (`bvip predict --constrained`).
 
 Targets (test split): presence 1.000; Sidewalk and Road accuracy >= 0.95 (majority baseline shown);
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bvip_helpers import families, registry, sft, twin_pretrain
+from bvip_helpers import copy_paste, families, registry, sft, twin_pretrain
 from bvip_helpers.io import read_jsonl, resolve, write_json
 from bvip_helpers.synth import ANNOTATIONS_FILE, CAPTIONS_FILE, SCENES_FILE
 
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="PEFT regex; default: the language model and the merger (sft.DEMO)")
     parser.add_argument("--lora_modules_to_save", default=sft.DEMO["lora_modules_to_save"],
                         help="modules trained in full beside LoRA; default: the twin's output layer (sft.DEMO)")
+    parser.add_argument("--sft_copy_paste", type=int, default=sft.DEMO["sft_copy_paste"],
+                        help="pasted copies of each training scene added to the SFT records (copy_paste; 0: none)")
     parser.add_argument("--num_workers", type=int, default=sft.DEMO["num_workers"],
                         help="dataloader workers: collate the next batch while this one trains")
     parser.add_argument("--test_limit", type=int, default=0, help="0: the whole test split")
@@ -164,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     model, processor, spec = sft.load_trained(str(base))
     _, zero_shot = sft.predict_and_evaluate(model, processor, spec, test, image_root, "test", truth,
                                             out.parent / "sft_zero_shot_test.jsonl")
+    train_file = copy_paste.copy_paste_train_file(data_dir, image_root, copies=args.sft_copy_paste, seed=args.seed,
+                                                  show_progress=False)
     params = sft.SFTParams(model=str(base), data_dir=str(data_dir), image_root=str(image_root), output_dir=str(out),
+                           train_file=str(train_file), example_cache_gb=sft.DEMO["example_cache_gb"],
                            method="lora", lora_r=args.lora_r, lora_alpha=args.lora_r,
                            lora_target_modules=args.lora_target_modules,
                            lora_modules_to_save=args.lora_modules_to_save, num_workers=args.num_workers, max_steps=args.sft_steps,

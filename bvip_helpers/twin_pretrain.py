@@ -10,7 +10,7 @@ give it both abilities before SFT, on the **train split only** of the synthetic 
    like a vision encoder pre-trained on segmentation data; a second throw-away head learns from the
    mean image token which object classes are close. Scenes with rare close classes (cars, bicycles)
    are shown more often (:func:`repeat_factors`), every view gets a close item of another scene pasted
-   in (copy-paste augmentation, :func:`paste_object`), and a check on the val scenes
+   in (copy-paste augmentation, :mod:`bvip_helpers.copy_paste`), and a check on the val scenes
    (:func:`vision_check`, saved in ``vision_pretrain.json``) says how many close objects the tower
    finds before any captioning is trained. Without this stage the twin learns where
    the sidewalk and road are (large regions) but hardly ever the close objects: through the
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bvip_helpers import twins
+from bvip_helpers.copy_paste import paste_bank, paste_object
 from bvip_helpers.io import atomic_dir, iter_jsonl, load_image, resolve, safe_image_path, write_json, write_jsonl
 from bvip_helpers.registry import TWIN_META_FILE, get_spec, load_model_and_processor
 from bvip_helpers.schema import OBJECT_CLASSES
@@ -63,8 +64,8 @@ REPEAT_THRESHOLD = 0.15
 #: Vision pre-training crops at least this much of each side (see :func:`augment_view`).
 CROP_SCALE = 0.8
 #: Copy-paste augmentation (Ghiasi et al., CVPR 2021): the chance that a vision pre-training view gets one more
-#: close item, cut along its label mask out of another training scene (see :func:`paste_object`). Every view
-#: gets one: the tower then sees each bicycle, car and bollard in front of many backgrounds, not only its own.
+#: close item, cut along its label mask out of another training scene (:mod:`bvip_helpers.copy_paste`). Every
+#: view gets one: the tower then sees each bicycle, car and bollard in front of many backgrounds, not only its own.
 #: Pasting into half of the views did less on val; pasting only the classes rarer than :data:`REPEAT_THRESHOLD`
 #: tied on val, with a tower that a probe read less well (README, "What the CPU demo shows").
 COPY_PASTE_RATE = 1.0
@@ -78,7 +79,7 @@ def _twin_fingerprint(model_dir: Path) -> str | None:
     return json.loads(meta.read_text()).get("fingerprint") if meta.is_file() else None
 
 
-def _sha1(path: Path) -> str | None:
+def file_sha1(path: Path) -> str | None:
     """Content hash of a data file: redrawn scenes invalidate what was trained on the old ones."""
     import hashlib
 
@@ -188,55 +189,6 @@ def repeat_factors(scenes: list[dict[str, Any]], threshold: float = REPEAT_THRES
     return [max([1.0, *(factor[c] for c, present in enumerate(row) if present)]) for row in presence]
 
 
-def paste_bank(scenes: list[dict[str, Any]]) -> dict[str, list[tuple[int, int]]]:
-    """What copy-paste may take: every close item of the scenes as ``(scene index, item index)``, grouped
-    by kind, so a paste picks the kind first (each kind equally often) and rare classes are pasted as
-    often as common ones. Close scenery (grass, plants, trees) is in it too: its patches stay "other",
-    which teaches the tower that not every blob in front of the camera is an object."""
-    bank: dict[str, list[tuple[int, int]]] = {}
-    for s, scene in enumerate(scenes):
-        for i, item in enumerate(scene["items"]):
-            if item["near"]:
-                bank.setdefault(item["kind"], []).append((s, i))
-    return bank
-
-
-def paste_object(image: Any, mask: Any, items: list[dict[str, Any]], source_image: Any, source_mask: Any,
-                 source_item: dict[str, Any], source_index: int,
-                 rng: random.Random) -> tuple[Any, Any, list[dict[str, Any]]]:
-    """Copy-paste: ``source_item`` (item ``source_index`` of a source scene), cut along its label mask, pasted
-    onto a scene.
-
-    The object keeps its height in the picture (so its perspective size stays plausible for a close object),
-    moves to a random horizontal place and is mirrored half the time. It covers what was there; the mask
-    gets the next item value and ``items`` one more entry, so :func:`patch_labels` and :func:`close_classes`
-    see it, and an item it hides completely drops out of :func:`close_classes` as it should. Returns the
-    new image, mask and items; the inputs are left unchanged. A source of another size, or a mask with no
-    item value left, returns the scene as it was.
-    """
-    import numpy as np
-    from PIL import Image
-
-    from bvip_helpers.synth import ITEM_MASK_BASE
-
-    pixels, mask, source_pixels = np.asarray(image), np.asarray(mask), np.asarray(source_image)
-    value = ITEM_MASK_BASE + len(items)
-    cut = np.asarray(source_mask) == ITEM_MASK_BASE + source_index
-    if source_pixels.shape != pixels.shape or value > 255 or not cut.any():
-        return image, mask, items
-    rows, cols = np.flatnonzero(cut.any(1)), np.flatnonzero(cut.any(0))
-    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    cut, patch = cut[top:bottom, left:right], source_pixels[top:bottom, left:right]
-    if rng.random() < 0.5:
-        cut, patch = cut[:, ::-1], patch[:, ::-1]
-    width = right - left
-    x = rng.randrange(0, pixels.shape[1] - width + 1)
-    pixels, mask = pixels.copy(), mask.copy()
-    pixels[top:bottom, x:x + width][cut] = patch[cut]
-    mask[top:bottom, x:x + width][cut] = value
-    return Image.fromarray(pixels), mask, [*items, {"kind": source_item["kind"], "near": True}]
-
-
 def epoch_order(factors: list[float], rng: random.Random) -> list[int]:
     """One shuffled epoch: scene ``i`` appears ``factors[i]`` times, rounded up or down at random."""
     order = [i for i, r in enumerate(factors) for _ in range(int(r) + (rng.random() < r - int(r)))]
@@ -298,7 +250,7 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
     Two throw-away heads on the merged image tokens: one labels every patch (object patches weighted
     by :data:`OBJECT_PATCH_WEIGHT`), one tells from the tokens' mean which object classes are close
     (:func:`close_classes`). Every step sees new random views of the scenes (:func:`augment_view`), a
-    share ``copy_paste_rate`` of them with a close item of another scene pasted in (:func:`paste_object`),
+    share ``copy_paste_rate`` of them with a close item of another scene pasted in (:func:`~bvip_helpers.copy_paste.paste_object`),
     so 2,000 steps over 3,196 scenes do not simply memorise them.
     Returns ``out_dir``; a rerun with the same settings and twin returns the cached folder at once.
     """
@@ -311,7 +263,7 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
                          f"not {spec.family!r}; skip it (max_steps=0) for other families")
     scenes_file = image_root / SCENES_FILE
     settings = {"stage": "vision", "model": str(model_dir), "twin": _twin_fingerprint(model_dir),
-                "scenes": str(scenes_file), "scenes_sha1": _sha1(scenes_file), "patch_classes": list(PATCH_CLASSES),
+                "scenes": str(scenes_file), "scenes_sha1": file_sha1(scenes_file), "patch_classes": list(PATCH_CLASSES),
                 "object_patch_weight": OBJECT_PATCH_WEIGHT, "min_object_cover": MIN_OBJECT_COVER,
                 "presence_weight": PRESENCE_WEIGHT, "crop_scale": CROP_SCALE, "repeat_threshold": REPEAT_THRESHOLD,
                 "copy_paste_rate": copy_paste_rate, "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed}
@@ -350,13 +302,13 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
         batch, order = [scenes[i] for i in order[:batch_size]], order[batch_size:]
         pictures, masks, batch_items = [], [], []
         for scene in batch:
-            image, mask = _loaded_scene(loaded, image_root, scene)
+            image, mask = scene_picture_and_mask(loaded, image_root, scene)
             items = scene["items"]
             # at rate 0 no random number is drawn: the views, and the tower, are those without copy-paste
             if copy_paste_rate and bank and rng.random() < copy_paste_rate:
                 source_scene, source_index = rng.choice(bank[rng.choice(sorted(bank))])
                 source = scenes[source_scene]
-                image, mask, items = paste_object(image, mask, items, *_loaded_scene(loaded, image_root, source),
+                image, mask, items = paste_object(image, mask, items, *scene_picture_and_mask(loaded, image_root, source),
                                                   source["items"][source_index], source_index, rng)
             image, mask = augment_view(image, mask, rng)
             pictures.append(image)
@@ -400,7 +352,8 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
     return out_dir
 
 
-def _loaded_scene(loaded: dict[str, tuple[Any, Any]], image_root: Path, scene: dict[str, Any]) -> tuple[Any, Any]:
+def scene_picture_and_mask(loaded: dict[str, tuple[Any, Any]], image_root: Path,
+                           scene: dict[str, Any]) -> tuple[Any, Any]:
     """A training scene's image and label mask, read from disk once."""
     if scene["image_path"] not in loaded:
         loaded[scene["image_path"]] = (load_image(safe_image_path(image_root, scene["image_path"])),
@@ -465,7 +418,7 @@ def pretrain_twin_base(model: str | os.PathLike[str], image_root: str | os.PathL
 
     model_dir, out_dir, image_root = resolve(model), resolve(out_dir), resolve(image_root)
     captions_csv = resolve(captions_csv) if captions_csv else image_root / CAPTIONS_FILE
-    settings = {"model": str(model_dir), "captions_csv": str(captions_csv), "captions_sha1": _sha1(captions_csv),
+    settings = {"model": str(model_dir), "captions_csv": str(captions_csv), "captions_sha1": file_sha1(captions_csv),
                 "max_steps": max_steps, "lr": lr,
                 "batch_size": batch_size, "seed": seed, "train_vision": train_vision,
                 # a rebuilt twin (new fingerprint) or a new vision stage invalidates the cache
