@@ -129,8 +129,9 @@ def augment_records(records: list[dict[str, Any]], image_root: str | Path, out_d
     """``copies`` pasted variants of every training record whose scene can take them -> (new records, counts).
 
     Each variant gets one close item of another training scene (kind drawn first, so every kind equally
-    often), its image is written to ``out_dir`` (under ``image_root``) and its caption rebuilt
-    (:func:`caption_with_objects`). A record is left out, and counted, when it has no scene in
+    often) and its caption rebuilt (:func:`caption_with_objects`). Its image is written to ``out_dir``, and
+    its record names it ``copy_paste/<scene>_<copy>.jpg``, relative to ``image_root``: the folder
+    :func:`copy_paste_train_file` moves ``out_dir`` to. A record is left out, and counted, when it has no scene in
     ``synth_scenes.jsonl``, when the scene has a quirk, or when its caption does not match the objects its
     label mask shows: a caption that is wrong already would stay wrong after a paste.
     """
