@@ -8,7 +8,8 @@ give it both abilities before SFT, on the **train split only** of the synthetic 
    with what was drawn there (sidewalk, road, an object class close or far, or other; ``bvip synth``
    saves a label mask per scene) and the tower plus a throw-away linear head learn those labels,
    like a vision encoder pre-trained on segmentation data; a second throw-away head learns from the
-   mean image token which object classes are close. Scenes with rare close classes (cars, bicycles)
+   mean image token which object classes are close, and a third which third of the picture (left,
+   center, right) each token lies in, so that the tokens say *where* an object is. Scenes with rare close classes (cars, bicycles)
    are shown more often (:func:`repeat_factors`), every view gets a close item of another scene pasted
    in (copy-paste augmentation, :mod:`bvip_helpers.copy_paste`), and a check on the val scenes
    (:func:`vision_check`, saved in ``vision_pretrain.json``) says how many close objects the tower
@@ -57,6 +58,10 @@ MIN_OBJECT_COVER = 0.1
 #: Weight of the image-level loss: which object classes are close, read from the MEAN of the image
 #: tokens. An LM attending evenly to the image tokens gets that mean, so this is the view SFT relies on.
 PRESENCE_WEIGHT = 1.0
+#: Weight of the column loss: which third of the picture (left, center, right) each image token lies in.
+#: The tower's attention only knows relative positions, so without it the tokens hardly say where they are
+#: (a probe read the third of 0.50-0.58 of them) and the twin named the side of a close object by chance.
+COLUMN_WEIGHT = 1.0
 #: Repeat-factor sampling (LVIS): a scene whose rarest close class is in fewer than this fraction of
 #: the training scenes is shown more often (see :func:`repeat_factors`). Close cars and bicycles are
 #: in 3 and 5 % of the scenes, as in the real data, and the tower would otherwise hardly learn them.
@@ -189,6 +194,17 @@ def repeat_factors(scenes: list[dict[str, Any]], threshold: float = REPEAT_THRES
     return [max([1.0, *(factor[c] for c, present in enumerate(row) if present)]) for row in presence]
 
 
+def token_thirds(grid_thw: Any) -> Any:
+    """For one image's merged tokens (Qwen2-VL order: rows of 2x2 merge windows), the third of the picture
+    each lies in: 0 left, 1 center, 2 right, by its window column."""
+    import torch
+
+    frames, rows, columns = (int(v) for v in grid_thw)
+    window_columns = columns // 2
+    column = torch.arange(frames * (rows // 2) * window_columns) % window_columns
+    return column * 3 // window_columns
+
+
 def epoch_order(factors: list[float], rng: random.Random) -> list[int]:
     """One shuffled epoch: scene ``i`` appears ``factors[i]`` times, rounded up or down at random."""
     order = [i for i, r in enumerate(factors) for _ in range(int(r) + (rng.random() < r - int(r)))]
@@ -205,14 +221,15 @@ def merged_image_tokens(vision: Any, processor: Any, pictures: list[Any]) -> tup
 
 
 def vision_check(vision: Any, head: Any, processor: Any, image_root: Path, scenes: list[dict[str, Any]],
-                 batch_size: int = 32) -> dict[str, Any]:
-    """What the vision stage learned, on held-out scenes: patch accuracy, and per close class the
-    recall and precision of "some patch is labelled with it": a gauge of what the language model can
-    read from the image tokens later, before any captioning is trained."""
+                 batch_size: int = 32, column_head: Any = None) -> dict[str, Any]:
+    """What the vision stage learned, on held-out scenes: patch accuracy, per close class the recall and
+    precision of "some patch is labelled with it", and (with ``column_head``) how many tokens know their
+    third of the picture: a gauge of what the language model can read from the image tokens later,
+    before any captioning is trained."""
     import torch
 
     n_objects = len(OBJECT_CLASSES)
-    correct = object_correct = object_total = total = 0
+    correct = object_correct = object_total = total = column_correct = column_total = 0
     hits = torch.zeros(3, n_objects)  # true positives, ground-truth positives, predicted positives
     with torch.no_grad():
         for i in range(0, len(scenes), batch_size):
@@ -221,6 +238,10 @@ def vision_check(vision: Any, head: Any, processor: Any, image_root: Path, scene
             tokens, inputs = merged_image_tokens(vision, processor, pictures)
             predicted = head(tokens).view(-1, len(PATCH_CLASSES)).argmax(-1)
             per_image = [int(t * h * w) for t, h, w in inputs["image_grid_thw"]]
+            if column_head is not None:
+                thirds = torch.cat([token_thirds(grid) for grid in inputs["image_grid_thw"]])
+                column_correct += int((column_head(tokens).argmax(-1) == thirds).sum())
+                column_total += len(thirds)
             for scene, grid, guess in zip(batch, inputs["image_grid_thw"], predicted.split(per_image), strict=True):
                 truth = torch.tensor(patch_labels(_load_mask(image_root, scene), scene["items"], int(grid[1]),
                                                   int(grid[2])))
@@ -238,20 +259,22 @@ def vision_check(vision: Any, head: Any, processor: Any, image_root: Path, scene
     return {"scenes": len(scenes), "patch_accuracy": round(correct / total, 3),
             "object_patch_accuracy": round(object_correct / max(object_total, 1), 3),
             "close_recall": round(tp / gt, 3) if gt else None,
-            "close_precision": round(tp / said, 3) if said else None, "per_class": per_class}
+            "close_precision": round(tp / said, 3) if said else None, "per_class": per_class,
+            "column_accuracy": round(column_correct / column_total, 3) if column_total else None}
 
 
 def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.PathLike[str],
                          out_dir: str | os.PathLike[str], *, max_steps: int, lr: float = 1e-3, batch_size: int = 16,
-                         seed: int = 0, copy_paste_rate: float = COPY_PASTE_RATE, force: bool = False,
-                         show_progress: bool = True) -> Path:
+                         seed: int = 0, copy_paste_rate: float = COPY_PASTE_RATE,
+                         column_weight: float = COLUMN_WEIGHT, force: bool = False, show_progress: bool = True) -> Path:
     """Train a Qwen2-VL twin's vision tower (and merger) to see; save the model to ``out_dir``.
 
-    Two throw-away heads on the merged image tokens: one labels every patch (object patches weighted
+    Three throw-away heads on the merged image tokens: one labels every patch (object patches weighted
     by :data:`OBJECT_PATCH_WEIGHT`), one tells from the tokens' mean which object classes are close
-    (:func:`close_classes`). Every step sees new random views of the scenes (:func:`augment_view`), a
-    share ``copy_paste_rate`` of them with a close item of another scene pasted in (:func:`~bvip_helpers.copy_paste.paste_object`),
-    so 2,000 steps over 3,196 scenes do not simply memorise them.
+    (:func:`close_classes`), and one tells each token's third of the picture (:func:`token_thirds`, loss
+    weight ``column_weight``). Every step sees new random views of the scenes (:func:`augment_view`), a
+    share ``copy_paste_rate`` of them with a close item of another scene pasted in
+    (:func:`~bvip_helpers.copy_paste.paste_object`), so 2,000 steps over 3,196 scenes do not simply memorise them.
     Returns ``out_dir``; a rerun with the same settings and twin returns the cached folder at once.
     """
     import torch
@@ -265,7 +288,7 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
     settings = {"stage": "vision", "model": str(model_dir), "twin": _twin_fingerprint(model_dir),
                 "scenes": str(scenes_file), "scenes_sha1": file_sha1(scenes_file), "patch_classes": list(PATCH_CLASSES),
                 "object_patch_weight": OBJECT_PATCH_WEIGHT, "min_object_cover": MIN_OBJECT_COVER,
-                "presence_weight": PRESENCE_WEIGHT, "crop_scale": CROP_SCALE, "repeat_threshold": REPEAT_THRESHOLD,
+                "presence_weight": PRESENCE_WEIGHT, "column_weight": column_weight, "crop_scale": CROP_SCALE, "repeat_threshold": REPEAT_THRESHOLD,
                 "copy_paste_rate": copy_paste_rate, "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed}
     if _cached(out_dir, settings, force):
         print(f"vision pretrain: cached in {out_dir}")
@@ -280,8 +303,9 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
     hidden = net.config.text_config.hidden_size
     head = torch.nn.Linear(hidden, 4 * len(PATCH_CLASSES))  # 4 patches per token
     presence_head = torch.nn.Linear(hidden, len(OBJECT_CLASSES))
+    column_head = torch.nn.Linear(hidden, 3)
     class_weights = torch.tensor([1.0, 1.0, 1.0] + [OBJECT_PATCH_WEIGHT] * (len(PATCH_CLASSES) - 3))
-    params = [*vision.parameters(), *head.parameters(), *presence_head.parameters()]
+    params = [*vision.parameters(), *head.parameters(), *presence_head.parameters(), *column_head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr)
     warmup = max(1, max_steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -325,6 +349,9 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
         present = torch.tensor([close_classes(items, mask) for items, mask in zip(batch_items, masks, strict=True)])
         loss = loss + PRESENCE_WEIGHT * torch.nn.functional.binary_cross_entropy_with_logits(
             presence_head(pooled), present)
+        if column_weight:
+            columns = torch.cat([token_thirds(grid) for grid in inputs["image_grid_thw"]])
+            loss = loss + column_weight * torch.nn.functional.cross_entropy(column_head(tokens), columns)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -336,7 +363,8 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
     seconds = time.perf_counter() - start
     net.eval()
     held_out = read_scenes(image_root, "val", allow_empty=True)
-    check = vision_check(vision, head, processor, image_root, held_out) if held_out else None
+    check = (vision_check(vision, head, processor, image_root, held_out,
+                          column_head=column_head if column_weight else None) if held_out else None)
     _save_model(net, processor, model_dir, out_dir)
     tail = losses[-max(1, max_steps // 10):]
     write_json(out_dir / "vision_pretrain.json", {"seconds": round(seconds, 1), "scenes": len(scenes),
@@ -452,14 +480,15 @@ def _weights_stamp(model_dir: Path) -> Any:
 def build_demo_base(model: str, data_dir: str | os.PathLike[str], image_root: str | os.PathLike[str],
                     models_dir: str | os.PathLike[str], *, vision_steps: int, caption_steps: int,
                     lr: float = 1e-3, vision_lr: float | None = None, batch_size: int = 16, seed: int = 0,
-                    image_size: int = twins.DEFAULT_IMAGE_SIZE, copy_paste_rate: float = COPY_PASTE_RATE) -> Path:
+                    image_size: int = twins.DEFAULT_IMAGE_SIZE, copy_paste_rate: float = COPY_PASTE_RATE,
+                    column_weight: float = COLUMN_WEIGHT) -> Path:
     """``tiny-<family>`` -> twin (``image_size`` pixels on its longest image side) -> vision pre-training
     -> caption pre-training; returns the base folder.
 
     Folders under ``models_dir``: ``<model>`` (the random twin), ``<model>-vision`` and ``<model>-base``.
     ``vision_steps=0`` skips stage 1 (the only choice for families other than Qwen2-VL). ``vision_lr``
     (default ``lr``) is stage 1's learning rate, ``lr`` stage 2's; ``copy_paste_rate`` is stage 1's share of
-    views with a pasted item (:data:`COPY_PASTE_RATE`).
+    views with a pasted item (:data:`COPY_PASTE_RATE`), ``column_weight`` its column loss (:data:`COLUMN_WEIGHT`).
     """
     if not model.startswith("tiny-"):
         raise ValueError(f"{model!r} is not a tiny twin; a real checkpoint is its own base model")
@@ -470,7 +499,7 @@ def build_demo_base(model: str, data_dir: str | os.PathLike[str], image_root: st
     if vision_steps:
         start = pretrain_twin_vision(twin, image_root, models_dir / f"{model}-vision", max_steps=vision_steps,
                                      lr=vision_lr or lr, batch_size=batch_size, seed=seed,
-                                     copy_paste_rate=copy_paste_rate)
+                                     copy_paste_rate=copy_paste_rate, column_weight=column_weight)
     return pretrain_twin_base(start, image_root, models_dir / f"{model}-base", max_steps=caption_steps, lr=lr,
                               batch_size=batch_size, seed=seed, train_vision=not vision_steps)
 

@@ -91,6 +91,13 @@ def test_close_classes_skips_items_cropped_out_of_the_view():
     assert twin_pretrain.close_classes(items, mask) == [float(name == "person") for name in names]
 
 
+def test_token_thirds_follow_the_merge_window_columns():
+    # 168 x 140 pixels: 12 x 10 patches, so 5 rows of 6 merge windows; two window columns per third
+    thirds = twin_pretrain.token_thirds([1, 10, 12])
+    assert thirds.tolist() == [0, 0, 1, 1, 2, 2] * 5
+    assert twin_pretrain.token_thirds([1, 4, 6]).tolist() == [0, 1, 2] * 2
+
+
 def test_close_classes_marks_close_object_classes_only():
     items = [{"kind": "car", "near": False}, {"kind": "person", "near": True}, {"kind": "person", "near": True},
              {"kind": "grass", "near": True}]
@@ -132,9 +139,15 @@ def test_vision_pretraining_changes_only_the_vision_tower_and_is_cached(tiny_twi
     check = report["val"]  # the held-out check: counts over the sample's val scenes, ratios in [0, 1]
     assert check["scenes"] == sum(1 for line in (SAMPLE / "synth_scenes.jsonl").open() if '"split": "val"' in line)
     assert 0 <= check["patch_accuracy"] <= 1 and set(check["per_class"]) == {o.name for o in twin_pretrain.OBJECT_CLASSES}
+    assert 0 <= check["column_accuracy"] <= 1
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     twin_pretrain.pretrain_twin_vision(twin, SAMPLE, out, max_steps=6, batch_size=4, show_progress=False)
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # cache hit: not retrained
+    # the column loss is part of the settings: another weight trains another tower
+    no_column = twin_pretrain.pretrain_twin_vision(twin, SAMPLE, tmp_path / "no_column", max_steps=6, batch_size=4,
+                                                   column_weight=0.0, show_progress=False)
+    assert json.loads((no_column / "vision_pretrain.json").read_text())["val"]["column_accuracy"] is None
+    assert not all(torch.equal(after[k], v) for k, v in load_file(no_column / "model.safetensors").items())
     again = twin_pretrain.pretrain_twin_vision(twin, SAMPLE, tmp_path / "again", max_steps=6, batch_size=4,
                                                show_progress=False)
     rerun = load_file(again / "model.safetensors")  # same seed, same tower
