@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bvip_helpers import schema
-from bvip_helpers.io import atomic_dir, read_jsonl, resolve, safe_image_path, write_json, write_jsonl
+from bvip_helpers.io import atomic_dir, file_sha1, read_jsonl, resolve, safe_image_path, write_json, write_jsonl
 from bvip_helpers.synth import ITEM_MASK_BASE, SCENES_FILE
 
 #: Folder under the image root that holds the pasted SFT images.
@@ -48,6 +48,14 @@ def paste_bank(scenes: list[dict[str, Any]]) -> dict[str, list[tuple[int, int]]]
             if item["near"]:
                 bank.setdefault(item["kind"], []).append((s, i))
     return bank
+
+
+def pick_paste_source(bank: dict[str, list[tuple[int, int]]], rng: random.Random) -> tuple[str, int, int]:
+    """``(kind, scene index, item index)`` to paste: a kind of the :func:`paste_bank` first, uniformly, then one
+    of its items, so rare classes are pasted as often as common ones."""
+    kind = rng.choice(sorted(bank))
+    scene_index, item_index = rng.choice(bank[kind])
+    return kind, scene_index, item_index
 
 
 def paste_object(image: Any, mask: Any, items: list[dict[str, Any]], source_image: Any, source_mask: Any,
@@ -163,8 +171,7 @@ def augment_records(records: list[dict[str, Any]], image_root: str | Path, out_d
             continue
         counts["augmented"] += 1
         for copy in range(copies):
-            kind = rng.choice(sorted(bank))
-            source_scene, source_index = rng.choice(bank[kind])
+            kind, source_scene, source_index = pick_paste_source(bank, rng)
             source = scenes[source_scene]
             pasted, pasted_mask, items = paste_object(image, mask, scene["items"],
                                                       *scene_picture_and_mask(loaded, image_root, source),
@@ -190,8 +197,6 @@ def copy_paste_train_file(data_dir: str | Path, image_root: str | Path, *, copie
     ``copy_paste_report.json``. A rerun with the same scenes, records and settings returns the file at once.
     ``copies=0`` returns ``<data_dir>/bvpi_chat_train.jsonl`` itself.
     """
-    from bvip_helpers.twin_pretrain import file_sha1
-
     data_dir, image_root = resolve(data_dir), resolve(image_root)
     train_file = data_dir / "bvpi_chat_train.jsonl"
     if copies <= 0:

@@ -114,6 +114,15 @@ def remove_tree(path: Path) -> None:
         path.unlink()
 
 
+def file_sha1(path: str | os.PathLike[str]) -> str | None:
+    """Content hash of a data file (``None`` when it is missing): caches stamped with it are rebuilt when
+    the file is redrawn."""
+    import hashlib
+
+    path = Path(path)
+    return hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

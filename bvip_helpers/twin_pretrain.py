@@ -9,8 +9,8 @@ give it both abilities before SFT, on the **train split only** of the synthetic 
    saves a label mask per scene) and the tower plus a throw-away linear head learn those labels,
    like a vision encoder pre-trained on segmentation data; a second throw-away head learns from the
    mean image token which object classes are close, and a third which third of the picture (left,
-   center, right) each token lies in, so that the tokens say *where* an object is. Scenes with rare close classes (cars, bicycles)
-   are shown more often (:func:`repeat_factors`), every view gets a close item of another scene pasted
+   center, right) each token lies in, so that the tokens say *where* an object is. Scenes with rare
+   close classes (cars, bicycles) are shown more often (:func:`repeat_factors`), every view gets a close item of another scene pasted
    in (copy-paste augmentation, :mod:`bvip_helpers.copy_paste`), and a check on the val scenes
    (:func:`vision_check`, saved in ``vision_pretrain.json``) says how many close objects the tower
    finds before any captioning is trained. Without this stage the twin learns where
@@ -36,8 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from bvip_helpers import twins
-from bvip_helpers.copy_paste import paste_bank, paste_object
-from bvip_helpers.io import atomic_dir, iter_jsonl, load_image, resolve, safe_image_path, write_json, write_jsonl
+from bvip_helpers.copy_paste import paste_bank, paste_object, pick_paste_source
+from bvip_helpers.io import (
+    atomic_dir,
+    file_sha1,
+    iter_jsonl,
+    load_image,
+    resolve,
+    safe_image_path,
+    write_json,
+    write_jsonl,
+)
 from bvip_helpers.registry import TWIN_META_FILE, get_spec, load_model_and_processor
 from bvip_helpers.schema import OBJECT_CLASSES
 from bvip_helpers.synth import CAPTIONS_FILE, SCENES_FILE
@@ -82,13 +91,6 @@ COPY_PASTE_RATE = 1.0
 def _twin_fingerprint(model_dir: Path) -> str | None:
     meta = model_dir / TWIN_META_FILE
     return json.loads(meta.read_text()).get("fingerprint") if meta.is_file() else None
-
-
-def file_sha1(path: Path) -> str | None:
-    """Content hash of a data file: redrawn scenes invalidate what was trained on the old ones."""
-    import hashlib
-
-    return hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def _cached(out_dir: Path, settings: dict[str, Any], force: bool) -> bool:
@@ -288,8 +290,8 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
     settings = {"stage": "vision", "model": str(model_dir), "twin": _twin_fingerprint(model_dir),
                 "scenes": str(scenes_file), "scenes_sha1": file_sha1(scenes_file), "patch_classes": list(PATCH_CLASSES),
                 "object_patch_weight": OBJECT_PATCH_WEIGHT, "min_object_cover": MIN_OBJECT_COVER,
-                "presence_weight": PRESENCE_WEIGHT, "column_weight": column_weight, "crop_scale": CROP_SCALE, "repeat_threshold": REPEAT_THRESHOLD,
-                "copy_paste_rate": copy_paste_rate, "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed}
+                "presence_weight": PRESENCE_WEIGHT, "column_weight": column_weight, "crop_scale": CROP_SCALE,
+                "repeat_threshold": REPEAT_THRESHOLD, "copy_paste_rate": copy_paste_rate, "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed}
     if _cached(out_dir, settings, force):
         print(f"vision pretrain: cached in {out_dir}")
         return out_dir
@@ -330,7 +332,7 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
             items = scene["items"]
             # at rate 0 no random number is drawn: the views, and the tower, are those without copy-paste
             if copy_paste_rate and bank and rng.random() < copy_paste_rate:
-                source_scene, source_index = rng.choice(bank[rng.choice(sorted(bank))])
+                _, source_scene, source_index = pick_paste_source(bank, rng)
                 source = scenes[source_scene]
                 image, mask, items = paste_object(image, mask, items, *scene_picture_and_mask(loaded, image_root, source),
                                                   source["items"][source_index], source_index, rng)
