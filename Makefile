@@ -5,13 +5,17 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test lint bench strip-notebooks
+.PHONY: venv demo demo-base test lint bench strip-notebooks
 
 venv:
 	@bash scripts/setup_venv.sh
 
 demo: venv
 	@PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+
+# Remake the committed base model models/tiny-qwen2-vl-base (about 10 minutes; docs/demo.md).
+demo-base: venv
+	$(BIN)/bvip demo base
 
 test: venv lint
 	$(BIN)/python -m pytest tests notebooks --nbmake --nbmake-timeout=600 -q

@@ -1,6 +1,7 @@
 """Repo-wide pytest setup: offline, smoke-sized notebooks, the optional reference data."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,8 +12,12 @@ os.environ.setdefault("BVIP_SMOKE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
-# Smoke runs must not overwrite the figures a user's demo run wrote to figures/.
-os.environ.setdefault("BVIP_FIGURES_DIR", tempfile.mkdtemp(prefix="bvip-test-figures-"))
+# Smoke runs must not overwrite the figures a user's demo run wrote to figures/; the folder goes at the end.
+if "BVIP_FIGURES_DIR" not in os.environ:
+    _TEST_FIGURES = tempfile.mkdtemp(prefix="bvip-test-figures-")
+    os.environ["BVIP_FIGURES_DIR"] = _TEST_FIGURES
+else:
+    _TEST_FIGURES = None
 
 REPO = Path(__file__).resolve().parent
 
@@ -36,3 +41,9 @@ def reference_csvs() -> tuple[Path, Path]:
 def sample_dir() -> Path:
     """The committed 60-scene synthetic sample."""
     return REPO / "data" / "sample"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the figures the smoke runs wrote (only the folder this session made)."""
+    if _TEST_FIGURES:
+        shutil.rmtree(_TEST_FIGURES, ignore_errors=True)

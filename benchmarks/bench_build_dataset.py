@@ -1,7 +1,7 @@
 """Benchmark: vectorised ``build_dataset`` against a seed-style row loop, on ~323,000 caption rows.
 
 Data: the SENSATION reference CSVs replicated 100x (each replica's basenames made unique); without
-them, ``bvip_helpers.synth.generate_dataset`` if it exists, else generated CSVs. The baseline is the
+them, ``bvip_helpers.demo.synth.generate_dataset`` if it exists, else generated CSVs. The baseline is the
 way the seed's ``create_bvip_dataset.py`` works: ``iterrows`` over captions, a dict lookup of the
 annotation, per-row caption building and ``json.dumps`` per record (it uses the schema functions so
 its captions are comparable). Both must produce identical SFT responses.
@@ -48,14 +48,14 @@ def replicate(captions_csv: Path, annotations_csv: Path, out: Path, replicas: in
 
 
 def benchmark_inputs(out: Path, replicas: int) -> tuple[Path, Path, str]:
-    """Reference CSVs x replicas; else synthetic scenes (``bvip_helpers.synth``) or generated CSVs, replicated."""
+    """Reference CSVs x replicas; else synthetic scenes (``bvip_helpers.demo.synth``) or generated CSVs, replicated."""
     src = reference_dir()
     if (src / "complete_captions_sensation.csv").is_file():
         cap, ann = src / "complete_captions_sensation.csv", src / "annotations_with_obj_pos.csv"
         return (*replicate(cap, ann, out, replicas), f"SENSATION reference CSVs x{replicas}")
     print(f"reference CSVs not found in {src}")
     try:
-        from bvip_helpers.synth import generate_dataset
+        from bvip_helpers.demo.synth import generate_dataset
     except ImportError:
         generate_dataset = None
     if generate_dataset is not None:

@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bvip_helpers import schema
+    from bvip_helpers.demo.synth import generate_dataset
+    from bvip_helpers.demo.twins import build_tiny_model
     from bvip_helpers.io import read_jsonl, resolve, write_json
     from bvip_helpers.predict import load, predict
-    from bvip_helpers.synth import generate_dataset
-    from bvip_helpers.twins import build_tiny_model
 
     torch.set_num_threads(args.threads)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

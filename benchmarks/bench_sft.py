@@ -1,12 +1,11 @@
-"""SFT benchmark: the CPU demo end to end on data/synthetic (`sft.DEMO["scenes"]` scenes), against its targets.
+"""SFT benchmark: the CPU demo's SFT on data/synthetic, from the committed base, against its targets.
 
-    python benchmarks/bench_sft.py            # defaults = the notebook 03 CPU demo settings
+    python benchmarks/bench_sft.py            # defaults = the demo's settings (bvip_helpers/demo/settings.py)
 
-1. tiny-qwen2-vl twin -> base model: vision pre-training on the scenes' label masks, then generic
-   captioning (both cached, see bvip_helpers.twin_pretrain);
-2. zero-shot on the test split (plain captions, mandatory fields missing);
-3. LoRA SFT on the BVIP priority captions, with a pasted copy of each training scene added
-   (bvip_helpers.copy_paste; timed), then the test split again, greedy and with
+1. the committed base model (models/tiny-qwen2-vl-base; `make demo-base` remakes it) zero-shot on the
+   test split (plain captions, mandatory fields missing);
+2. LoRA SFT on the BVIP priority captions, with a pasted copy of each training scene added
+   (bvip_helpers.demo.copy_paste; timed), then the test split again, greedy and with
    schema-constrained decoding (`bvip predict --constrained`).
 
 Targets (test split): presence 1.000; Sidewalk and Road accuracy >= 0.95 (majority baseline shown);
@@ -21,33 +20,15 @@ import argparse
 import resource
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from bvip_helpers import copy_paste, families, registry, sft, twin_pretrain
+from bvip_helpers import families, registry, sft
+from bvip_helpers.demo import copy_paste, settings
+from bvip_helpers.demo.base import ensure_demo_data
 from bvip_helpers.io import read_jsonl, resolve, write_json
-from bvip_helpers.synth import ANNOTATIONS_FILE, CAPTIONS_FILE, SCENES_FILE
 
 TARGETS = {"presence": 1.0, "accuracy": 0.95, "near_recall": 0.90, "near_precision": 0.90, "sft_minutes": 10.0}
-
-
-def ensure_data(n: int, seed: int) -> tuple[Path, Path]:
-    """data/synthetic (n scenes, with label masks) and data/bvpi_out, (re)built when missing or stale."""
-    image_root, data_dir = resolve("data/synthetic"), resolve("data/bvpi_out")
-    captions, scenes = image_root / CAPTIONS_FILE, image_root / SCENES_FILE
-    stale = (not captions.is_file() or sum(1 for _ in captions.open()) - 1 != n
-             or not scenes.is_file() or '"mask_path": "' not in scenes.read_text())
-    if stale:
-        from bvip_helpers.synth import generate_dataset
-
-        generate_dataset(image_root, n=n, seed=seed, show_progress=False)
-    if stale or not (data_dir / "bvpi_chat_train.jsonl").is_file():
-        from bvip_helpers.dataset import build_dataset
-
-        build_dataset(image_root / CAPTIONS_FILE, image_root / ANNOTATIONS_FILE, data_dir,
-                      image_root=image_root, show_progress=False)
-    return image_root, data_dir
 
 
 def summary(report: dict) -> dict:
@@ -126,38 +107,28 @@ def step_time_ratio(params: sft.SFTParams, steps: int = 40, warmup: int = 8, rep
 
 
 def main(argv: list[str] | None = None) -> int:
+    demo = settings.notebook_params("03_sft")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=sft.DEMO["scenes"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", default=settings.base_dir(), help="the base model (default: the committed one)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--image_size", type=int, default=sft.DEMO["image_size"], help="the twin's longest image side, pixels")
-    parser.add_argument("--vision_steps", type=int, default=sft.DEMO["vision_steps"])
-    parser.add_argument("--pretrain_steps", type=int, default=sft.DEMO["pretrain_steps"])
-    parser.add_argument("--pretrain_lr", type=float, default=sft.DEMO["pretrain_lr"], help="caption pre-training")
-    parser.add_argument("--vision_lr", type=float, default=sft.DEMO["vision_lr"], help="vision pre-training")
-    parser.add_argument("--sft_steps", type=int, default=sft.DEMO["sft_steps"])
-    parser.add_argument("--lr", type=float, default=sft.DEMO["lr"])
-    parser.add_argument("--lora_r", type=int, default=sft.DEMO["lora_r"])
-    parser.add_argument("--batch_size", type=int, default=sft.DEMO["batch_size"])
-    parser.add_argument("--lora_target_modules", default=sft.DEMO["lora_target_modules"],
-                        help="PEFT regex; default: the language model and the merger (sft.DEMO)")
-    parser.add_argument("--lora_modules_to_save", default=sft.DEMO["lora_modules_to_save"],
-                        help="modules trained in full beside LoRA; default: the twin's output layer (sft.DEMO)")
-    parser.add_argument("--sft_copy_paste", type=int, default=sft.DEMO["sft_copy_paste"],
+    parser.add_argument("--sft_steps", type=int, default=demo["max_steps"])
+    parser.add_argument("--lr", type=float, default=demo["lr"])
+    parser.add_argument("--lora_r", type=int, default=demo["lora_r"])
+    parser.add_argument("--batch_size", type=int, default=demo["batch_size"])
+    parser.add_argument("--lora_target_modules", default=demo["lora_targets"],
+                        help="PEFT regex; default: the language model and the merger (the demo's)")
+    parser.add_argument("--lora_modules_to_save", default=demo["lora_modules_to_save"],
+                        help="modules trained in full beside LoRA; default: the twin's output layer (the demo's)")
+    parser.add_argument("--sft_copy_paste", type=int, default=settings.SFT_COPY_PASTE,
                         help="pasted copies of each training scene added to the SFT records (copy_paste; 0: none)")
-    parser.add_argument("--num_workers", type=int, default=sft.DEMO["num_workers"],
+    parser.add_argument("--num_workers", type=int, default=0,
                         help="dataloader workers: collate the next batch while this one trains")
     parser.add_argument("--test_limit", type=int, default=0, help="0: the whole test split")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    image_root, data_dir = ensure_data(args.n, args.seed)
-    start = time.perf_counter()
-    base = twin_pretrain.build_demo_base("tiny-qwen2-vl", data_dir, image_root, "runs/models",
-                                         vision_steps=args.vision_steps, caption_steps=args.pretrain_steps,
-                                         lr=args.pretrain_lr, vision_lr=args.vision_lr, batch_size=args.batch_size, seed=args.seed,
-                                         image_size=args.image_size)
-    pretrain_seconds = time.perf_counter() - start
+    image_root, data_dir = ensure_demo_data()
+    base = resolve(args.base)
     truth = sft.ground_truth(image_root)
     test = [{"image": r["image"], "prompt": families.record_prompt(r)}
             for r in read_jsonl(data_dir / "bvpi_chat_test.jsonl")]
@@ -167,15 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     model, processor, spec = sft.load_trained(str(base))
     _, zero_shot = sft.predict_and_evaluate(model, processor, spec, test, image_root, "test", truth,
                                             out.parent / "sft_zero_shot_test.jsonl")
-    train_file = copy_paste.copy_paste_train_file(data_dir, image_root, copies=args.sft_copy_paste, seed=args.seed,
-                                                  show_progress=False)
+    train_file = copy_paste.copy_paste_train_file(data_dir, image_root, copies=args.sft_copy_paste,
+                                                  seed=settings.SEED, show_progress=False)
     params = sft.SFTParams(model=str(base), data_dir=str(data_dir), image_root=str(image_root), output_dir=str(out),
-                           train_file=str(train_file), example_cache_gb=sft.DEMO["example_cache_gb"],
-                           method="lora", lora_r=args.lora_r, lora_alpha=args.lora_r,
+                           train_file=str(train_file), example_cache_gb=demo["example_cache_gb"],
+                           method="lora", lora_r=args.lora_r, lora_alpha=demo["lora_alpha"],
                            lora_target_modules=args.lora_target_modules,
                            lora_modules_to_save=args.lora_modules_to_save, num_workers=args.num_workers, max_steps=args.sft_steps,
-                           lr=args.lr, batch_size=args.batch_size, seed=args.seed, logging_steps=20,
-                           lr_scheduler="cosine", warmup=0.05, eval=True, eval_limit=32, figure_name="bench_sft_loss")
+                           lr=args.lr, batch_size=args.batch_size, seed=settings.SEED, logging_steps=20,
+                           lr_scheduler="cosine", warmup=0.05, eval=True, eval_limit=32)
     result = sft.train_sft(params)
     model, processor, spec = sft.load_trained(str(base), adapter=out)
     _, tuned = sft.predict_and_evaluate(model, processor, spec, test, image_root, "test", truth,
@@ -210,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("near_recall", "near_precision"):
         rows.append((key, *(f"{r[key] or 0:.3f}" for r in (before, after, constrained)), ""))
     print("\n".join(f"{a:28s} {b:>10s} {c:>10s} {d:>11s} {e:>10s}" for a, b, c, d, e in rows))
-    print(f"pretrain {pretrain_seconds:.0f}s (cached when ~0) | SFT {result.global_step} steps in "
+    print(f"base {base} | SFT {result.global_step} steps in "
           f"{result.train_seconds:.0f}s, {result.samples_per_second:.2f} samples/s | peak RSS {peak_mb:.0f} MB | "
           f"trainer/raw step {ratio['ratio']:.2f} ({ratio['trainer_s_per_step']:.3f}s vs {ratio['raw_fwd_bwd_s']:.3f}s; "
           f"whole run incl. cold first epoch {ratio['whole_run_ratio']:.2f}) | TRL's fused LM-head loss on the same "
@@ -220,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(resolve("runs/benchmarks/sft.json"), {
         "settings": vars(args), "zero_shot_test": before, "sft_test": after, "sft_constrained_test": constrained,
         "targets": TARGETS, "checks": checks, "checks_constrained": checks_constrained,
-        "pretrain_seconds": pretrain_seconds, "sft_seconds": result.train_seconds, "sft_steps": result.global_step,
+        "base": str(base), "sft_seconds": result.train_seconds, "sft_steps": result.global_step,
         "samples_per_second": result.samples_per_second, "peak_rss_mb": peak_mb, "step_time": ratio,
         "token_budget": result.token_budget, "n_test": len(test),
     })

@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bvip_helpers.demo.synth import generate_dataset, make_scene
 from bvip_helpers.io import resolve, write_json
-from bvip_helpers.synth import generate_dataset, make_scene
 
 
 def main() -> None:

@@ -1,16 +1,22 @@
-"""bvip_helpers: the reusable code behind the bvip-captioning notebooks.
+"""bvip_helpers: the reusable code behind the bvip-captioning notebooks, one module per stage.
 
-One module per stage:
+- :mod:`bvip_helpers.schema`          caption fields, objects, compose and parse
+- :mod:`bvip_helpers.io`              paths, atomic writes, JSONL with line numbers, safe image loading
+- :mod:`bvip_helpers.dataset`         SENSATION CSVs -> SFT/chat/DPO JSONL, merged CSV, quality report
+- :mod:`bvip_helpers.evaluate`        seed-compatible and structured metrics, baselines
+- :mod:`bvip_helpers.caption_metrics` BLEU, METEOR, ROUGE-L, CIDEr, embedding similarity
+- :mod:`bvip_helpers.registry`        the model zoo and the one loader for all of it
+- :mod:`bvip_helpers.families`        how each model family wants its prompts, batches and labels
+- :mod:`bvip_helpers.sft`             supervised fine-tuning (LoRA, QLoRA, full)
+- :mod:`bvip_helpers.predict`         batched, resumable, optionally constrained generation
+- :mod:`bvip_helpers.constrained`     schema-constrained decoding of the mandatory fields
+- :mod:`bvip_helpers.runs`            what each evaluation run captions and where its files go
+- :mod:`bvip_helpers.plots`           comparison figures; :mod:`bvip_helpers.explore` data figures
+- :mod:`bvip_helpers.batch`           papermill runs per model and the leaderboard
+- :mod:`bvip_helpers.exporters`       datasets for models that train in their own repositories
 
-- :mod:`bvip_helpers.schema`   caption fields, objects, compose and parse
-- :mod:`bvip_helpers.io`       paths, atomic writes, JSONL, safe image loading
-- :mod:`bvip_helpers.synth`    synthetic street scenes (the embedded default data)
-- :mod:`bvip_helpers.dataset`  SENSATION CSVs -> SFT/DPO JSONL + merged CSV
-- :mod:`bvip_helpers.evaluate` seed-compatible and structured metrics
-- :mod:`bvip_helpers.registry` the model zoo
-- :mod:`bvip_helpers.twins`    tiny offline twins of each model family
-- :mod:`bvip_helpers.sft`      supervised fine-tuning
-- :mod:`bvip_helpers.predict`  batched, resumable, optionally constrained generation
+:mod:`bvip_helpers.demo` holds the CPU demo's machinery (synthetic scenes, tiny twins, their
+pre-training); the pipeline above never imports it.
 """
 
 __version__ = "0.1.0"

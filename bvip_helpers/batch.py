@@ -307,11 +307,13 @@ def _split(text: str) -> list[str]:
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
+    from bvip_helpers.io import resolve_cli_path
+
     parser.add_argument("--models", required=True, help="comma list of registry names or model dirs")
     parser.add_argument("--notebooks", required=True, help="comma list of notebook prefixes, e.g. 03,05")
-    parser.add_argument("--params", default=None, help="YAML with 'global' and 'models' sections")
-    parser.add_argument("--runs_dir", default="runs")
-    parser.add_argument("--notebooks_dir", default=None, help="default: <repo>/notebooks")
+    parser.add_argument("--params", type=resolve_cli_path, default=None, help="YAML with 'global' and 'models' sections")
+    parser.add_argument("--runs_dir", type=resolve_cli_path, default="runs")
+    parser.add_argument("--notebooks_dir", type=resolve_cli_path, default=None, help="default: <repo>/notebooks")
     parser.add_argument("--smoke", action="store_true", help="pass SMOKE=True and set BVIP_SMOKE=1")
     parser.add_argument("--force", action="store_true", help="rerun pairs that are already done")
     parser.add_argument("--kernel", default="python3")
@@ -320,7 +322,10 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     try:
-        report = run_batch(_split(args.models), _split(args.notebooks), params_file=args.params,
+        from bvip_helpers.io import resolve_cli_path
+
+        models = [str(resolve_cli_path(m)) if Path(m).expanduser().is_dir() else m for m in _split(args.models)]
+        report = run_batch(models, _split(args.notebooks), params_file=args.params,
                            runs_dir=args.runs_dir, notebooks_dir=args.notebooks_dir, smoke=args.smoke,
                            force=args.force, kernel_name=args.kernel, cell_timeout=args.cell_timeout)
     except (FileNotFoundError, ValueError) as err:

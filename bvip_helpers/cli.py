@@ -12,15 +12,17 @@ import sys
 
 #: subcommand -> (module in bvip_helpers, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("synth", "draw synthetic street scenes and write SENSATION-style CSVs"),
     "build-dataset": ("dataset", "build SFT/DPO JSONL and the merged CSV from the two CSVs"),
     "evaluate": ("evaluate", "score a predictions JSONL: mandatory fields, near objects, baselines"),
     "models": ("registry", "print the model registry"),
-    "tiny-model": ("twins", "build a tiny offline twin of a model family"),
     "sft": ("sft", "supervised fine-tuning (LoRA, QLoRA or full)"),
     "batch": ("batch", "run notebooks per model with papermill and write a leaderboard"),
     "export": ("exporters", "export the dataset for InternVL, OpenFlamingo, MobileVLM or Moondream"),
     "predict": ("predict", "batched, resumable caption generation"),
+    # the CPU demo's machinery (bvip_helpers.demo)
+    "synth": ("demo.synth", "draw synthetic street scenes and write SENSATION-style CSVs"),
+    "tiny-model": ("demo.twins", "build a tiny offline twin of a model family"),
+    "demo": ("demo.cli", "the CPU demo's own steps: its base model, copy-paste, notebook parameters"),
 }
 
 

@@ -696,13 +696,15 @@ def build_dataset(captions_csv: str | Path, annotations_csv: str | Path, out_dir
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--captions_csv", required=True, help="CSV with image_path, target, split")
-    parser.add_argument("--annotations_csv", required=True,
+    from bvip_helpers.io import resolve_cli_path
+
+    parser.add_argument("--captions_csv", type=resolve_cli_path, required=True, help="CSV with image_path, target, split")
+    parser.add_argument("--annotations_csv", type=resolve_cli_path, required=True,
                         help="CSV with image, sidewalk_pos, road_pos and the object position columns")
-    parser.add_argument("--out_dir", required=True, help="folder for the JSONL/CSV outputs and build_report.json")
+    parser.add_argument("--out_dir", type=resolve_cli_path, required=True, help="folder for the JSONL/CSV outputs and build_report.json")
     parser.add_argument("--prompt", default=schema.DEFAULT_PROMPT, help="instruction stored in every record")
     parser.add_argument("--require_all_splits", action="store_true", help="fail unless train, val and test all exist")
-    parser.add_argument("--image_root", default=None, help="folder the image paths are relative to; checks each image")
+    parser.add_argument("--image_root", type=resolve_cli_path, default=None, help="folder the image paths are relative to; checks each image")
     parser.add_argument("--allow_missing_images", action="store_true",
                         help="with --image_root: leave rows with missing/unreadable images out instead of failing")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

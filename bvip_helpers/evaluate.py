@@ -464,12 +464,16 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pred_jsonl", required=True, help="predictions: one JSON object per line with "
+    from bvip_helpers.io import resolve_cli_path
+
+    parser.add_argument("--pred_jsonl", type=resolve_cli_path, required=True, help="predictions: one JSON object per line with "
                         "'image' and 'text' or 'response'")
-    parser.add_argument("--captions_csv", required=True)
-    parser.add_argument("--annotations_csv", required=True)
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--json", dest="json_out", default=None, help="write the report here (atomically)")
+    parser.add_argument("--captions_csv", type=resolve_cli_path, required=True,
+                        help="the SENSATION captions CSV (image_path, target, split)")
+    parser.add_argument("--annotations_csv", type=resolve_cli_path, required=True,
+                        help="the SENSATION annotations CSV (image, sidewalk_pos, road_pos, object columns)")
+    parser.add_argument("--split", default="test", help="the split the predictions caption (default: test)")
+    parser.add_argument("--json", type=resolve_cli_path, dest="json_out", default=None, help="write the report here (atomically)")
     parser.add_argument("--skip_bad_lines", action="store_true", help="count and skip malformed lines")
 
 

@@ -320,10 +320,12 @@ def export(fmt: str, sft_dir: str | Path, image_root: str | Path, out_dir: str |
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
+    from bvip_helpers.io import resolve_cli_path
+
     parser.add_argument("--format", required=True, choices=sorted(EXPORTERS))
-    parser.add_argument("--sft_dir", required=True, help="folder with bvpi_sft_{train,val,test}.jsonl")
-    parser.add_argument("--image_root", required=True, help="folder the JSONL image paths are relative to")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--sft_dir", type=resolve_cli_path, required=True, help="folder with bvpi_sft_{train,val,test}.jsonl")
+    parser.add_argument("--image_root", type=resolve_cli_path, required=True, help="folder the JSONL image paths are relative to")
+    parser.add_argument("--out", type=resolve_cli_path, required=True, help="output folder")
     parser.add_argument("--splits", default=None, help="comma list (default: every split present)")
     parser.add_argument("--skip_missing", action="store_true", help="leave out (and count) missing images")
     parser.add_argument("--samples_per_shard", type=int, default=1000, help="openflamingo only")

@@ -17,6 +17,10 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+#: The two CSVs of the SENSATION format, as the data set ships them (and ``bvip synth`` writes them).
+CAPTIONS_FILE = "complete_captions_sensation.csv"
+ANNOTATIONS_FILE = "annotations_with_obj_pos.csv"
+
 
 def repo_root() -> Path:
     """The repository root: the nearest parent holding ``pyproject.toml`` and ``notebooks/``.
@@ -37,6 +41,14 @@ def resolve(path: str | os.PathLike[str]) -> Path:
     """A path relative to the repo root (absolute paths are kept)."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else repo_root() / path
+
+
+def resolve_cli_path(path: str | os.PathLike[str]) -> Path:
+    """A path given on the command line: relative to the current directory, as every Unix tool reads it.
+
+    (Notebooks use :func:`resolve`: they run in ``notebooks/`` but name paths from the repository root.)
+    """
+    return Path(path).expanduser().absolute()
 
 
 def figures_dir() -> Path:

@@ -1,4 +1,4 @@
-"""Comparison figures for notebook 05: models side by side, baselines as reference lines.
+"""Comparison figures for notebooks 03 and 05: models side by side, baselines as reference lines.
 
 Every function takes evaluator reports (:func:`bvip_helpers.evaluate.evaluate_predictions`)
 keyed by a display name and returns a matplotlib figure; the notebook saves them with
@@ -55,6 +55,33 @@ def _bars(ax: Any, groups: Sequence[str], series: Mapping[str, Sequence[float]],
         ax.bar(x + offset, [0 if math.isnan(v) else v for v in values], width / n, label=name)
     ax.set_xticks(x, groups)
     return x
+
+
+def plot_before_after(reports: Reports, title: str = "") -> Any:
+    """Notebook 03's chart: presence and accuracy of each field, then near recall and precision, one bar per
+    report (zero-shot, SFT, ...); dashed lines mark the majority-class accuracy of the last report's split."""
+    import matplotlib.pyplot as plt
+
+    groups = [("presence", k) for k in FIELDS] + [("accuracy", k) for k in FIELDS]
+    labels = [f"{m}\n{schema.FIELD_LABELS[k]}" for m, k in groups] + ["near recall", "near precision"]
+    series = {}
+    for name, report in reports.items():
+        near = report.get("structured", {}).get("near_objects", {})
+        series[name] = [_num(report[m].get(k)) for m, k in groups] + [_num(near.get("recall")),
+                                                                        _num(near.get("precision"))]
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    _bars(ax, labels, series)
+    last = list(reports.values())[-1] if reports else {}
+    majority = last.get("structured", {}).get("baselines", {}).get("majority", {}).get("accuracy", {})
+    for i, (m, k) in enumerate(groups):
+        if m == "accuracy" and majority.get(k) is not None:
+            ax.hlines(majority[k], i - 0.4, i + 0.4, colors="k", linestyles="dashed")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
 
 
 def plot_presence_accuracy(reports: Reports, baselines: Mapping[str, Any] | None = None) -> Any:

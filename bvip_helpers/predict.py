@@ -104,6 +104,24 @@ def load(model: Any, adapter: str | os.PathLike[str] | None = None, **kwargs: An
                        adapter=str(adapter) if adapter else None)
 
 
+def release(loaded: LoadedModel) -> None:
+    """Free a loaded model now (host memory, and the GPU's cached blocks), not whenever the collector runs.
+
+    Scoring several checkpoints one after another keeps one in memory at a time this way.
+    """
+    import gc
+
+    loaded.model = None
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
 def prompt_of(record: Mapping[str, Any]) -> str:
     """The record's instruction (SFT ``prompt`` or chat user text), else the schema's default prompt."""
     return record_prompt(dict(record)) or schema.DEFAULT_PROMPT
@@ -293,13 +311,16 @@ def predict(model_or_spec: Any, records: Iterable[Mapping[str, Any]], image_root
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
+    from bvip_helpers.io import resolve_cli_path
+
     parser.add_argument("--model", required=True, help="registry name, hub id or local model folder")
-    parser.add_argument("--adapter", default=None, help="PEFT adapter folder loaded on top of --model")
-    parser.add_argument("--jsonl", required=True, help="records with 'image' (and 'prompt'), e.g. bvpi_sft_test.jsonl")
-    parser.add_argument("--image_root", required=True, help="folder the records' image paths are relative to")
-    parser.add_argument("--out", required=True, help="predictions JSONL (appended to; a rerun resumes)")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--adapter", type=resolve_cli_path, default=None, help="PEFT adapter folder loaded on top of --model")
+    parser.add_argument("--jsonl", type=resolve_cli_path, required=True, help="records with 'image' (and 'prompt'), e.g. bvpi_sft_test.jsonl")
+    parser.add_argument("--image_root", type=resolve_cli_path, required=True, help="folder the records' image paths are relative to")
+    parser.add_argument("--out", type=resolve_cli_path, required=True, help="predictions JSONL (appended to; a rerun resumes)")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per generation batch (default: 8)")
+    parser.add_argument("--max_new_tokens", type=int, default=128,
+                        help="longest caption in tokens (default: 128)")
     parser.add_argument("--num_beams", type=int, default=1, help="1 = greedy")
     parser.add_argument("--constrained", action="store_true",
                         help="force 'Sidewalk: .. Road: .. RoadVsSidewalk: ..' with valid values")
@@ -313,11 +334,12 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from bvip_helpers.io import iter_jsonl
+    from bvip_helpers.io import iter_jsonl, resolve_cli_path
 
+    model = str(resolve_cli_path(args.model)) if Path(args.model).expanduser().is_dir() else args.model
     records = list(iter_jsonl(args.jsonl))
     try:
-        stats = predict(args.model, records, args.image_root, args.out, adapter=args.adapter,
+        stats = predict(model, records, args.image_root, args.out, adapter=args.adapter,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                         constrained=args.constrained, repair_relation_field=args.repair_relation, limit=args.limit,
                         skip_bad_images=args.skip_bad_images, restart_if_changed=args.restart_if_changed,

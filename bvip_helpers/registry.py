@@ -65,7 +65,7 @@ class ModelSpec:
     @property
     def is_local(self) -> bool:
         """True for twins and local checkpoints (a path, not a hub id)."""
-        return self.hub_id.startswith(("runs/", "./", "/", "~")) or Path(self.hub_id).is_absolute()
+        return self.hub_id.startswith(("runs/", "models/", "./", "/", "~")) or Path(self.hub_id).is_absolute()
 
     @property
     def is_export_only(self) -> bool:
@@ -198,9 +198,11 @@ FAMILY_REFERENCE: dict[str, str] = {
 }
 DEFAULT_MODEL = "tiny-qwen2-vl"
 TINY_DIR = "runs/models"
-#: the tiny Qwen2-VL twin pre-trained as a generic captioner (notebook 03, benchmarks/bench_sft.py).
+#: the tiny Qwen2-VL twin pre-trained as a generic captioner: the CPU demo's base model, committed under
+#: ``models/`` like a downloaded checkpoint (``bvip demo base`` rebuilds it; ``docs/demo.md``).
 TINY_BASE = "tiny-qwen2-vl-base"
-#: written by ``bvip_helpers.twins`` into every twin (and copied by sft into models trained from one).
+TINY_BASE_DIR = f"models/{TINY_BASE}"
+#: written by ``bvip_helpers.demo.twins`` into every twin (and copied by sft into models trained from one).
 TWIN_META_FILE = "twin_meta.json"
 
 
@@ -242,9 +244,9 @@ _EXPORT_ONLY: list[ModelSpec] = [
 
 def _tiny_base() -> ModelSpec:
     twin = _tiny(next(s for s in _HF_NATIVE if s.name == FAMILY_REFERENCE["qwen2-vl"]))
-    return replace(twin, name=TINY_BASE, hub_id=f"{TINY_DIR}/{TINY_BASE}", licence="n/a (local, synthetic captions)",
-                   notes="tiny-qwen2-vl pre-trained as a generic captioner on the original captions (the base the "
-                   "SFT demo fine-tunes); built and cached by notebook 03 or `python benchmarks/bench_sft.py`.")
+    return replace(twin, name=TINY_BASE, hub_id=TINY_BASE_DIR, licence="n/a (local, synthetic captions)",
+                   notes="tiny-qwen2-vl pre-trained as a generic captioner on the original captions: the CPU demo's "
+                   "base, committed; `bvip demo base` rebuilds it.")
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -358,7 +360,7 @@ def model_source(spec: ModelSpec) -> str:
     path = resolve(spec.hub_id)
     if not (path / "config.json").is_file():
         if spec.name == TINY_BASE:
-            hint = "build it by running notebooks/03_sft.ipynb or `python benchmarks/bench_sft.py`"
+            hint = "it is committed with the repository; restore it with `git checkout models/` or `make demo-base`"
         elif spec.name.startswith("tiny-"):
             hint = f"build it with `bvip tiny-model --family {spec.family}`"
         else:
@@ -531,7 +533,9 @@ def write_models_doc(path: str | os.PathLike[str] = "docs/models.md") -> Path:
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", action="store_true", help="print the Markdown document (docs/models.md)")
-    parser.add_argument("--write", metavar="PATH", help="also write the Markdown document to PATH")
+    from bvip_helpers.io import resolve_cli_path
+
+    parser.add_argument("--write", metavar="PATH", type=resolve_cli_path, help="also write the Markdown document to PATH")
 
 
 def run_cli(args: argparse.Namespace) -> int:

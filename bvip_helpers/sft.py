@@ -36,59 +36,65 @@ from pathlib import Path
 from typing import Any
 
 from bvip_helpers import families
-from bvip_helpers.io import read_jsonl, resolve, save_fig, write_json
+from bvip_helpers.io import ANNOTATIONS_FILE, CAPTIONS_FILE, read_jsonl, resolve, resolve_cli_path, write_json
 from bvip_helpers.registry import TWIN_META_FILE, get_spec
-from bvip_helpers.synth import ANNOTATIONS_FILE, CAPTIONS_FILE
 
 METHODS = ("lora", "qlora", "full")
 
 
+def _arg(default: Any, help: str, *, path: bool = False) -> Any:
+    """A dataclass field with the ``bvip sft`` flag's help text (``path``: a command-line path, read from the cwd)."""
+    return field(default=default, metadata={"help": help, "path": path})
+
+
 @dataclass
 class SFTParams:
-    """Everything one SFT run needs; the ``bvip sft`` flags mirror these names."""
+    """Everything one SFT run needs; the ``bvip sft`` flags mirror these names, with these help texts."""
 
-    model: str = "tiny-qwen2-vl"  # registry name, hub id or local folder
-    data_dir: str = "data/bvpi_out"  # holds bvpi_chat_{train,val}.jsonl (or bvpi_sft_*)
-    image_root: str = "data/synthetic"  # image paths in the records are relative to this
-    output_dir: str = ""  # default runs/<model>/sft
-    method: str = "lora"  # lora | qlora | full
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: str = ""  # comma list or regex; default: the registry's (language model only)
-    lora_modules_to_save: str = ""  # comma list of modules trained in full beside the adapter, e.g. lm_head
-    train_vision: bool = False  # full fine-tuning: also train the vision tower and projector
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    lr: float = 2e-4
-    lr_scheduler: str = "linear"
-    warmup: float = 0.0  # warmup steps (>= 1) or a fraction of all steps (< 1)
-    weight_decay: float = 0.0
-    optim: str = "adamw_torch_fused"  # transformers' optimizer name; "paged_adamw_8bit" suits QLoRA on a GPU
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 1024
-    seed: int = 0
-    save_steps: int = 0  # 0: one checkpoint at the end
-    save_total_limit: int = 2
-    logging_steps: int = 5
-    resume: str = ""  # "" | "auto" (latest checkpoint in output_dir) | a checkpoint folder
-    train_file: str = ""  # override data_dir/bvpi_chat_train.jsonl
-    val_file: str = ""  # override data_dir/bvpi_chat_val.jsonl
-    eval: bool = True  # predict + evaluate the val split at the end
-    eval_limit: int = 0  # 0: the whole val split
-    eval_batch_size: int = 16
-    max_new_tokens: int = 128
-    captions_csv: str = ""  # ground truth for eval; default image_root/complete_captions_sensation.csv
-    annotations_csv: str = ""
-    merge: bool = True  # merge LoRA into the base, save merged/, check generations agree
-    merge_check_samples: int = 4
-    gradient_checkpointing: bool = False
-    num_workers: int = 0
-    example_cache_gb: float = 2.0  # processed training examples kept in memory (see FamilyCollator); 0: none
-    figure_name: str = ""  # figures/<name>.png; default sft_loss_<model>
-    trainer: str = ""  # force "trl_sft" or "collator_trainer" (default: the registry's choice)
-    fused_lm_head: str = "auto"  # TRL's chunked LM-head loss: auto (on with CUDA) | on | off (see _sft_trainer)
+    model: str = _arg("qwen2-vl-2b", "registry name (`bvip models`), hub id or local checkpoint folder")
+    data_dir: str = _arg("data/bvpi_out", "holds bvpi_chat_{train,val}.jsonl (or bvpi_sft_*) from `bvip build-dataset`",
+                         path=True)
+    image_root: str = _arg("data/synthetic", "folder the records' image paths are relative to", path=True)
+    output_dir: str = _arg("", "where the adapter, checkpoints and reports go (default: runs/<model>/sft)", path=True)
+    method: str = _arg("lora", "lora | qlora (4-bit base, CUDA only) | full")
+    lora_r: int = _arg(16, "LoRA rank: the capacity of the update")
+    lora_alpha: int = _arg(32, "LoRA scaling: the update is multiplied by lora_alpha / lora_r")
+    lora_dropout: float = _arg(0.0, "dropout on the LoRA input")
+    lora_target_modules: str = _arg("", "comma list or PEFT regex of the modules that get adapters "
+                                        "(default: the registry's, the language model's linear layers)")
+    lora_modules_to_save: str = _arg("", "comma list of modules trained in full beside the adapters, e.g. lm_head")
+    train_vision: bool = _arg(False, "full fine-tuning only: train the vision tower and projector too")
+    epochs: float = _arg(1.0, "passes over the training records (max_steps > 0 overrides it)")
+    max_steps: int = _arg(-1, "optimizer steps; > 0 overrides epochs")
+    lr: float = _arg(2e-4, "peak learning rate (LoRA on a 1-3B model: ~2e-4; full fine-tuning: ~1e-5)")
+    lr_scheduler: str = _arg("linear", "transformers scheduler name: linear, cosine, constant, ...")
+    warmup: float = _arg(0.0, "warmup steps (>= 1) or a fraction of all steps (< 1)")
+    weight_decay: float = _arg(0.0, "AdamW weight decay")
+    optim: str = _arg("adamw_torch_fused", "transformers optimizer name; paged_adamw_8bit suits QLoRA on a GPU")
+    batch_size: int = _arg(4, "records per device and step")
+    grad_accum: int = _arg(1, "gradient accumulation: effective batch = batch_size x grad_accum x devices")
+    max_length: int = _arg(1024, "longest sample in tokens; a longer one is refused, never truncated")
+    seed: int = _arg(0, "seed of the adapters' initialisation and the data order")
+    save_steps: int = _arg(0, "a checkpoint every N steps (0: only the final model)")
+    save_total_limit: int = _arg(2, "checkpoints kept; older ones are deleted")
+    logging_steps: int = _arg(5, "log the loss every N steps")
+    resume: str = _arg("", '"" (fresh), "auto" (latest checkpoint in output_dir) or a checkpoint folder')
+    train_file: str = _arg("", "training records (default: data_dir/bvpi_chat_train.jsonl)", path=True)
+    val_file: str = _arg("", "validation records (default: data_dir/bvpi_chat_val.jsonl)", path=True)
+    eval: bool = _arg(True, "caption and score the val split at the end (eval_val.json)")
+    eval_limit: int = _arg(0, "val records captioned at the end (0: all)")
+    eval_batch_size: int = _arg(16, "images per generation batch")
+    max_new_tokens: int = _arg(128, "longest generated caption, in tokens")
+    captions_csv: str = _arg("", "ground truth for the val score (default: image_root/complete_captions_sensation.csv)",
+                             path=True)
+    annotations_csv: str = _arg("", "default: image_root/annotations_with_obj_pos.csv", path=True)
+    merge: bool = _arg(True, "merge LoRA into the base, save merged/ and check that it writes the adapter's captions")
+    merge_check_samples: int = _arg(4, "val images the merge check captions")
+    gradient_checkpointing: bool = _arg(False, "recompute activations in the backward pass: less memory, about a third slower")
+    num_workers: int = _arg(0, "dataloader worker processes")
+    example_cache_gb: float = _arg(2.0, "processed training examples kept in memory (see FamilyCollator); 0: none")
+    trainer: str = _arg("", "force trl_sft or collator_trainer (default: the registry's choice for the family)")
+    fused_lm_head: str = _arg("auto", "TRL's chunked LM-head loss: auto (on with CUDA) | on | off")
 
     @property
     def model_slug(self) -> str:
@@ -456,8 +462,7 @@ def train_sft(params: SFTParams, callbacks: list[Any] | None = None) -> SFTResul
     processor.save_pretrained(output_dir)
     _copy_twin_meta(spec, output_dir)
     write_json(output_dir / "sft_params.json", {**asdict(params), "family": getattr(spec, "family", None)})
-    result.loss_curve = str(plot_loss_curve(result.losses, output_dir, params.figure_name or
-                                            f"sft_loss_{params.model_slug}"))
+    result.loss_curve = str(save_loss_curve(result.losses, output_dir / "loss_curve.png"))
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     unwrapped.eval()
     predictions: list[dict[str, Any]] = []
@@ -480,21 +485,32 @@ def _copy_twin_meta(spec: Any, target: Path) -> None:
         shutil.copyfile(source, target / TWIN_META_FILE)
 
 
-def plot_loss_curve(losses: list[tuple[int, float]], output_dir: Path, figure_name: str) -> Path:
-    import matplotlib
-
-    if "ipykernel" not in sys.modules:
-        matplotlib.use("Agg")
+def loss_figure(losses: list[tuple[int, float]], title: str = "SFT loss") -> Any:
+    """The training loss against the optimizer step, as a matplotlib figure."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if losses:
         steps, values = zip(*losses, strict=True)
         ax.plot(steps, values, marker="o", markersize=3)
-    ax.set(xlabel="optimizer step", ylabel="training loss (response tokens)", title="SFT loss")
-    figure = save_fig(figure_name, fig)
-    target = output_dir / "loss_curve.png"
-    shutil.copyfile(figure, target)
+    ax.set(xlabel="optimizer step", ylabel="training loss (response tokens)", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def save_loss_curve(losses: list[tuple[int, float]], target: Path) -> Path:
+    """``loss_curve.png`` of a run, written inside its own output folder (atomically)."""
+    import matplotlib
+
+    if "ipykernel" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bvip_helpers.io import atomic_path
+
+    fig = loss_figure(losses)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return target
 
@@ -520,16 +536,15 @@ def predict_and_evaluate(model: Any, processor: Any, spec: Any, records: list[di
     """
     from bvip_helpers.evaluate import evaluate_predictions
     from bvip_helpers.predict import LoadedModel, predict
+    from bvip_helpers.runs import scored_truth
 
     preds_path = Path(preds_path)
     preds_path.unlink(missing_ok=True)  # a fresh model: never resume stale captions
     predict(LoadedModel(model, processor, spec, name=name), records, resolve(image_root), preds_path,
             batch_size=batch_size, max_new_tokens=max_new_tokens, constrained=constrained, progress=False)
     predictions = read_jsonl(preds_path)
-    wanted = {Path(r["image"]).name for r in records}
-    names = truth["image_path"].map(lambda p: Path(str(p)).name)
-    truth = truth[names.isin(wanted) | (truth["split"] != split)]  # other splits stay for the baselines
-    return predictions, evaluate_predictions(predictions, truth, split, pred_file=str(preds_path))
+    return predictions, evaluate_predictions(predictions, scored_truth(truth, split, records), split,
+                                             pred_file=str(preds_path))
 
 
 def evaluate_val(params: SFTParams, spec: Any, model: Any, processor: Any, val_records: list[dict[str, Any]],
@@ -579,84 +594,46 @@ def merge_and_check(params: SFTParams, spec: Any, model: Any, processor: Any, va
     return str(merged_dir), check
 
 
-# --- CPU demo: a tiny twin that starts out like a real base model ----------------
-
-#: settings of the CPU demo (notebook 03, scripts/demo.sh and benchmarks/bench_sft.py), tuned on data/synthetic.
-#: ``scenes``: how many synthetic scenes are drawn (80% train). ``vision_steps`` and ``pretrain_steps`` make the
-#: twin's base model (see twin_pretrain); the rest is the LoRA SFT. LoRA adapts the language model and the
-#: vision-to-language merger, and the output layer (``lm_head``) is trained in full beside it; the vision tower
-#: itself stays as pre-training left it. ``vision_lr`` and ``pretrain_lr`` are the two pre-training stages' rates.
-#: ``sft_copy_paste`` pasted copies of each training scene join the SFT records (bvip_helpers.copy_paste), and
-#: ``example_cache_gb`` keeps all of them processed in memory.
-# Choices measured on the val split (near recall / precision; test in brackets), in the order made:
-# - lr, with LoRA also on the vision blocks and 600 caption steps: 2e-3 0.64 / 0.76 (0.63 / 0.73),
-#   3e-3 0.64 / 0.72 (0.66 / 0.78), 4e-3 0.68 / 0.80 (0.61 / 0.73), 5e-3 0.39 / 0.51 (0.38 / 0.49);
-# - patch labels by coverage (twin_pretrain.patch_labels), LoRA targets at 4e-3: + vision blocks 0.66 / 0.75
-#   (0.65 / 0.74); language model only 0.75 / 0.84 (0.71 / 0.81) but Sidewalk 0.95 (0.94); + merger
-#   0.74 / 0.83 (0.70 / 0.81), Sidewalk 0.97 (0.97);
-# - + repeat-factor sampling in the vision stage: 0.76 / 0.87 (0.66 / 0.79); then 1500 caption steps instead
-#   of 600: 0.76 / 0.88 (0.73 / 0.83). 4 language-model layers instead of 2 (600 caption steps): 0.74 / 0.85
-#   (0.66 / 0.77), and slower;
-# - image_size 168 (30 image tokens) instead of 112 (12), 2000 vision steps instead of 3000: 0.78 / 0.90
-#   (0.76 / 0.88). No gain from: 3x the vision pre-training scenes (a linear probe on the frozen tower read
-#   the close classes no better); an object-listing task beside the captions in caption pre-training
-#   0.78 / 0.85 (0.76 / 0.87); 1200 SFT steps instead of 800: 0.81 / 0.89 (0.77 / 0.88), 160 s more.
-# - + lm_head trained in full beside LoRA (``lora_modules_to_save``: its rows for the words only the BVIP
-#   format uses were never trained, so "Nearby: an obstacle" lost to "2 obstacles"): 0.82 / 0.88 (0.77 / 0.86),
-#   count accuracy 0.58 -> 0.75 on test. With 3000 vision and 800 caption steps: 0.87 / 0.92 (0.85 / 0.91),
-#   against 0.82 / 0.92 (0.78 / 0.90) without it. Repeat-factor sampling of the SFT records on top (threshold
-#   0.15 / 0.3): 0.85 / 0.91 (0.83 / 0.90) and 0.86 / 0.91 (0.87 / 0.90), no gain on val;
-# - 1500 caption steps with 3000 vision steps: 0.89 / 0.91 (0.88 / 0.94), but 1000 more vision steps are ~190 s
-#   more than the demo's 20 minutes allow;
-#   vision lr 2e-3 instead of 1e-3 at 2000 vision steps (this demo): 0.88 / 0.93 (0.87 / 0.91) with the vision
-#   stage on one thread, 0.85 / 0.91 (0.88 / 0.93) all on two (make demo); from that base, 1000 SFT steps
-#   instead of 800 (the demo before copy-paste): 0.86 / 0.92 (0.897 / 0.934).
-# - no gain (one thread each): vision repeat-factor threshold 0.5 0.86 / 0.93 (0.87 / 0.93); with object patches
-#   weighted 5x 0.87 / 0.93 (0.88 / 0.95); caption pre-training at lr 2e-3 0.85 / 0.93 (0.87 / 0.95) and 3e-3
-#   0.85 / 0.90 (0.85 / 0.93); SFT batch 12 for 1333 steps 0.86 / 0.92 (0.87 / 0.92); embed_tokens trained in full
-#   beside lm_head, seeds 0 / 1: 0.84 / 0.93 (0.88 / 0.93) and 0.87 / 0.94 (0.90 / 0.94), SFT 575-594 s vs 464 s. SFT seed 1
-#   instead of 0 on that base, 0.88 / 0.95 (0.90 / 0.93), is the size of the noise, not a choice.
-# - no gain either: language-model FFN 512 0.85 / 0.91 (0.87 / 0.92), 3 layers 0.86 / 0.94 (0.90 / 0.93); SFT on
-#   mirror images too (left and right swapped in the text), seeds 0 / 1: 0.88 / 0.95 (0.89 / 0.95) and 0.84 / 0.91
-#   (0.88 / 0.94); mirror images in caption pre-training too 0.88 / 0.94 (0.88 / 0.95); 2,000 more training scenes
-#   0.88 / 0.94 (0.87 / 0.92). The model memorises (0.98 near recall on 400 training images, notebook 05) but
-#   these cures do not beat the seed noise on both splits.
-# - copy-paste augmentation in the vision stage (twin_pretrain.COPY_PASTE_RATE; one thread each): a close item of
-#   the classes rarer than the repeat-factor threshold pasted into half of the views 0.87 / 0.92 (0.87 / 0.93), into
-#   every view 0.90 / 0.95 (0.885 / 0.97), the same with SFT seed 1 0.90 / 0.96 (0.89 / 0.95); any close item, kind
-#   first, into every view (this demo): 0.90 / 0.94 (0.91 / 0.95). Chosen on val, where the last two tie; the
-#   MLP probe on the frozen image tokens read val 0.94 against 0.92-0.93 for the rare-classes tower. All on two threads
-#   (make demo): 0.85 / 0.93 (0.885 / 0.95); from that base, SFT seed 1 0.87 / 0.92 (0.89 / 0.93) and LoRA dropout
-#   0.1 0.86 / 0.93 (0.85 / 0.93), one thread each.
-# - copy-paste in SFT too (``sft_copy_paste``: one pasted copy of each training scene added, bvip_helpers.copy_paste;
-#   the doubled records need ``example_cache_gb`` 4 to stay processed): from that base, seeds 0 / 1 on two threads
-#   0.90 / 0.94 (0.91 / 0.94) and 0.91 / 0.93 (0.90 / 0.93); make demo 0.90 / 0.93 (0.92 / 0.93).
-# - + the column loss in the vision stage (twin_pretrain.COLUMN_WEIGHT; this demo): 0.92 / 0.94 (0.91 / 0.95), and
-#   all positions of a named class right (position_accuracy) 0.85 (0.77) instead of 0.42 (0.42).
-# On ~400 images, differences of a few points are noise.
-DEMO = {"scenes": 4000, "image_size": 168, "vision_steps": 2000, "vision_lr": 2e-3, "pretrain_steps": 1500,
-        "pretrain_lr": 1e-3, "sft_steps": 1000, "lr": 4e-3, "lora_r": 64, "batch_size": 16, "num_workers": 0,
-        "lora_target_modules": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-                               r"|visual\.merger\.mlp\.(0|2))",
-        "lora_modules_to_save": "lm_head", "sft_copy_paste": 1, "example_cache_gb": 4.0}
-
-
 # --- CLI --------------------------------------------------------------------
+
+
+def parse_bool(text: str) -> bool:
+    """A boolean flag's value: true/false, 1/0 or yes/no, and nothing else (``Ture`` is an error, not False)."""
+    value = str(text).strip().lower()
+    if value in {"1", "true", "yes"}:
+        return True
+    if value in {"0", "false", "no"}:
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: use true or false (or 1/0, yes/no)")
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
     defaults = SFTParams()
     for f in fields(SFTParams):
-        default = getattr(defaults, f.name)
+        default, help_text = getattr(defaults, f.name), f.metadata.get("help", "")
         if isinstance(default, bool):
-            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in {"1", "true", "yes"}, default=default,
-                                metavar="BOOL", help=f"(default {default})")
+            parser.add_argument(f"--{f.name}", type=parse_bool, default=default, metavar="BOOL",
+                                help=f"{help_text} (default {str(default).lower()})")
         else:
-            parser.add_argument(f"--{f.name}", type=type(default), default=default, help=f"(default {default!r})")
+            parser.add_argument(f"--{f.name}", type=type(default), default=default,
+                                help=f"{help_text} (default {default!r})")
+
+
+def params_from_cli(args: argparse.Namespace) -> SFTParams:
+    """``SFTParams`` from parsed flags, with paths read from the current directory (as every Unix tool does)."""
+    values = {f.name: getattr(args, f.name) for f in fields(SFTParams)}
+    for f in fields(SFTParams):
+        if f.metadata.get("path") and values[f.name]:
+            values[f.name] = str(resolve_cli_path(values[f.name]))
+    if values["resume"] not in ("", "auto"):
+        values["resume"] = str(resolve_cli_path(values["resume"]))
+    if Path(values["model"]).expanduser().is_dir():  # a local checkpoint, named from the cwd
+        values["model"] = str(resolve_cli_path(values["model"]))
+    return SFTParams(**values)
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    params = SFTParams(**{f.name: getattr(args, f.name) for f in fields(SFTParams)})
+    params = params_from_cli(args)
     try:
         result = train_sft(params)
     except (TokenBudgetError, FileNotFoundError, ValueError, RuntimeError) as err:

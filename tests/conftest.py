@@ -22,7 +22,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_twin(tmp_path_factory) -> Callable[[str], Path]:
     """``tiny_twin(family)``: that family's twin (schema vocabulary, seed 0), built once per session."""
-    from bvip_helpers.twins import build_tiny_model
+    from bvip_helpers.demo.twins import build_tiny_model
 
     root = tmp_path_factory.mktemp("twins")
     built: dict[str, Path] = {}

@@ -15,7 +15,7 @@ def twin_dir(tiny_twin):
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     from bvip_helpers.dataset import load_ground_truth
-    from bvip_helpers.synth import generate_dataset
+    from bvip_helpers.demo.synth import generate_dataset
 
     paths = generate_dataset(tmp_path_factory.mktemp("synth"), n=24, seed=3, image_size=(128, 96), show_progress=False)
     truth = load_ground_truth(paths["captions_csv"], paths["annotations_csv"])

@@ -141,9 +141,9 @@ def test_every_sft_row_parses_back_to_its_annotation(scenes, tmp_path):
 
 
 def test_synthetic_dataset_round_trip(tmp_path):
-    synth = pytest.importorskip("bvip_helpers.synth")
+    synth = pytest.importorskip("bvip_helpers.demo.synth")
     if not hasattr(synth, "generate_dataset"):
-        pytest.skip("bvip_helpers.synth.generate_dataset not available")
+        pytest.skip("bvip_helpers.demo.synth.generate_dataset not available")
     paths = synth.generate_dataset(tmp_path / "synth", n=30, seed=0, show_progress=False)
     report = build_dataset(paths["captions_csv"], paths["annotations_csv"], tmp_path / "out",
                            image_root=paths["image_root"], show_progress=False)

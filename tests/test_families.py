@@ -13,7 +13,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 from PIL import Image, ImageDraw  # noqa: E402
 
-from bvip_helpers import families, schema, twins  # noqa: E402
+from bvip_helpers import families, schema  # noqa: E402
+from bvip_helpers.demo import twins  # noqa: E402
 
 RESPONSES = [
     schema.compose_caption(schema.SceneLabels("left", "right", near={"person": ["center"]},

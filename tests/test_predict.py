@@ -34,7 +34,7 @@ def loaded(twin_dir):
 def scenes(tmp_path_factory):
     """Synthetic scenes and prediction records (image + prompt) for every scene."""
     from bvip_helpers.dataset import load_ground_truth
-    from bvip_helpers.synth import generate_dataset
+    from bvip_helpers.demo.synth import generate_dataset
 
     paths = generate_dataset(tmp_path_factory.mktemp("synth"), n=30, seed=5, image_size=(128, 96), show_progress=False)
     truth = load_ground_truth(paths["captions_csv"], paths["annotations_csv"])

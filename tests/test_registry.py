@@ -92,7 +92,7 @@ def test_get_spec_infers_family_from_a_local_dir(tmp_path):
 
 def test_a_local_twin_folder_keeps_its_own_image_size(tmp_path):
     """A folder with twin_meta.json (a twin or a model trained from one) must not get the hub model's budget."""
-    twins = pytest.importorskip("bvip_helpers.twins")
+    twins = pytest.importorskip("bvip_helpers.demo.twins")
     assert registry.TWIN_META_FILE == twins.META_FILE
     folder = tmp_path / "tiny-qwen2-vl-base"
     folder.mkdir()
@@ -109,11 +109,11 @@ def test_a_local_twin_folder_keeps_its_own_image_size(tmp_path):
 
 def test_tiny_qwen2_vl_base_is_a_registry_entry(tmp_path, monkeypatch):
     spec = get_spec("tiny-qwen2-vl-base")
-    assert spec.hub_id == "runs/models/tiny-qwen2-vl-base" and spec.is_local and spec.family == "qwen2-vl"
+    assert spec.hub_id == "models/tiny-qwen2-vl-base" and spec.is_local and spec.family == "qwen2-vl"
     assert spec.image_budget == {} and spec.model_class == MODELS["tiny-qwen2-vl"].model_class
-    assert get_spec("runs/models/tiny-qwen2-vl-base") is spec
-    monkeypatch.setenv("BVIP_ROOT", str(tmp_path))  # not built there: the error says how to build it
-    with pytest.raises(FileNotFoundError, match="notebooks/03_sft.ipynb"):
+    assert get_spec("models/tiny-qwen2-vl-base") is spec
+    monkeypatch.setenv("BVIP_ROOT", str(tmp_path))  # not there: the error says how to get it back
+    with pytest.raises(FileNotFoundError, match="make demo-base"):
         registry.model_source(spec)
 
 
@@ -135,7 +135,7 @@ def test_loader_refuses_export_only_remote_code_and_cpu_4bit(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_loader_loads_a_tiny_twin_and_an_adapter(tmp_path, monkeypatch):
-    twins = pytest.importorskip("bvip_helpers.twins")
+    twins = pytest.importorskip("bvip_helpers.demo.twins")
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -211,7 +211,7 @@ def test_cli_prints_both_tables(capsys):
 @pytest.mark.parametrize("family", ["qwen2-vl", "smolvlm", "internvl"])
 def test_image_budget_reaches_the_image_processor(family, tmp_path):
     """The real entries' image budgets are valid image processor settings (checked on the family's tiny twin)."""
-    twins = pytest.importorskip("bvip_helpers.twins")
+    twins = pytest.importorskip("bvip_helpers.demo.twins")
 
     twin_dir = twins.build_tiny_model(family, tmp_path / family)
     budget = MODELS[registry.FAMILY_REFERENCE[family]].image_budget
@@ -236,7 +236,7 @@ def test_qwen_budget_holds_without_future_warnings(tmp_path):
     import shutil
     import warnings
 
-    twins = pytest.importorskip("bvip_helpers.twins")
+    twins = pytest.importorskip("bvip_helpers.demo.twins")
     from PIL import Image
 
     twin_dir = twins.build_tiny_model("qwen2-vl", tmp_path / "twin")
@@ -261,11 +261,8 @@ def test_qwen_budget_holds_without_future_warnings(tmp_path):
         assert processor.video_processor.size.shortest_edge == QWEN_SIZE["shortest_edge"]
 
 
-def test_readme_model_table_matches_the_registry():
-    """The README's model table is the registry's own rows (tiny twins left to docs/models.md)."""
+def test_readme_links_the_model_table_instead_of_copying_it():
+    """One model table, in docs/models.md (generated); the README summarises and links it."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    block = readme.split("<!-- registry:start", 1)[1].split("<!-- registry:end -->", 1)[0]
-    readme_rows = [line for line in block.splitlines() if line.startswith("|")]
-    registry_rows = [line for line in registry.registry_table().splitlines()
-                     if line.startswith("|") and not line.startswith("| tiny-")]
-    assert readme_rows == registry_rows, "README model table is stale: regenerate it from registry_table()"
+    assert "docs/models.md" in readme
+    assert "| qwen2-vl-2b | Qwen/Qwen2-VL-2B-Instruct |" not in readme

@@ -18,7 +18,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
-from bvip_helpers import sft, synth, twins  # noqa: E402
+from bvip_helpers import sft  # noqa: E402
+from bvip_helpers.demo import twins  # noqa: E402
+from bvip_helpers.io import ANNOTATIONS_FILE, CAPTIONS_FILE  # noqa: E402
 from bvip_helpers.registry import get_spec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +56,7 @@ def twin(family: str, root: Path, data_dir: Path) -> Path:
 
 def params(model: Path, data: Path, out: Path, **overrides) -> sft.SFTParams:
     base = dict(model=str(model), data_dir=str(data), image_root=str(SAMPLE), output_dir=str(out), batch_size=2,
-                max_steps=2, lr=5e-3, logging_steps=1, eval=False, merge=False, seed=0, max_length=1024,
-                figure_name="test_sft_loss")
+                max_steps=2, lr=5e-3, logging_steps=1, eval=False, merge=False, seed=0, max_length=1024)
     base.update(overrides)
     return sft.SFTParams(**base)
 
@@ -160,8 +161,8 @@ def test_merged_model_generates_like_the_adapter_and_eval_is_written(sample_data
     model = twin("qwen2-vl", twin_root, sample_data)
     out = tmp_path / "run"
     result = sft.train_sft(params(model, sample_data, out, max_steps=8, lr=1e-2, merge=True, eval=True,
-                                  eval_limit=4, max_new_tokens=24, captions_csv=str(SAMPLE / synth.CAPTIONS_FILE),
-                                  annotations_csv=str(SAMPLE / synth.ANNOTATIONS_FILE)))
+                                  eval_limit=4, max_new_tokens=24, captions_csv=str(SAMPLE / CAPTIONS_FILE),
+                                  annotations_csv=str(SAMPLE / ANNOTATIONS_FILE)))
     assert result.merge_check["identical"], result.merge_check
     assert any(result.merge_check["adapter"]), "the adapter generated nothing; the comparison would be empty"
     merged = Path(result.merged_dir)
@@ -225,32 +226,35 @@ def test_notebook_03_smoke_runs_headless(tmp_path):
     out = tmp_path / "03_sft.ipynb"
     runs = tmp_path / "runs"
     papermill.execute_notebook(str(REPO / "notebooks" / "03_sft.ipynb"), str(out), kernel_name="python3",
-                               parameters={"SMOKE": True, "model": "tiny-qwen2-vl", "runs_dir": str(runs)},
+                               parameters={"SMOKE": True, "runs_dir": str(runs)},
                                cwd=str(REPO / "notebooks"), progress_bar=False)
-    sft_dir = runs / "tiny-qwen2-vl" / "sft"
+    sft_dir = runs / "tiny-qwen2-vl-base" / "sft"  # smoke mode trains the committed demo base
     report = json.loads((sft_dir / "eval_val.json").read_text())
     assert report["split"] == "val" and report["n"] > 0
     assert (sft_dir / "adapter_model.safetensors").is_file() and (sft_dir / "loss_curve.png").is_file()
     assert json.loads((sft_dir / "sft_result.json").read_text())["merge_check"]["identical"]
+    assert sorted(p.name for p in sft_dir.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
 
 
-def test_notebook_03_defaults_match_the_benchmarked_demo_settings():
-    """Notebook 03's parameters and benchmarks/bench_sft.py (sft.DEMO) describe the same demo run."""
+def _notebook_parameters(name: str) -> dict:
     import ast
 
     import nbformat
 
-    nb = nbformat.read(Path(__file__).resolve().parents[1] / "notebooks" / "03_sft.ipynb", as_version=4)
-    params = {node.targets[0].id: ast.literal_eval(node.value)
-              for node in ast.parse(nb.cells[1].source).body if isinstance(node, ast.Assign)}
-    assert params["max_steps"] == sft.DEMO["sft_steps"]
-    assert params["pretrain_steps"] == sft.DEMO["pretrain_steps"]
-    assert params["vision_steps"] == sft.DEMO["vision_steps"]
-    assert params["twin_image_size"] == sft.DEMO["image_size"]
-    assert params["twin_train_lm_head"] == (sft.DEMO["lora_modules_to_save"] == "lm_head")
-    assert params["lr"] == sft.DEMO["lr"]
-    assert params["lora_r"] == sft.DEMO["lora_r"]
-    assert params["batch_size"] == sft.DEMO["batch_size"]
+    nb = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
+    return {node.targets[0].id: ast.literal_eval(node.value)
+            for node in ast.parse(nb.cells[1].source).body if isinstance(node, ast.Assign)}
+
+
+def test_notebook_03_defaults_suit_a_real_checkpoint():
+    """A learner who opens notebook 03 gets a real model's settings; the tiny twin's come only from the demo."""
+    from bvip_helpers.registry import MODELS
+
+    defaults = _notebook_parameters("03_sft")
+    assert not MODELS[defaults["model"]].is_local and MODELS[defaults["model"]].family
+    assert defaults["lr"] == sft.SFTParams.lr == 2e-4
+    assert defaults["lora_r"] == 16 and defaults["lora_targets"] == "" and defaults["lora_modules_to_save"] == ""
+    assert defaults["method"] == "lora" and not defaults["SMOKE"]
 
 
 def test_collator_cache_stays_within_its_budget_and_batches_alike(sample_data, twin_root):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bvip_helpers import copy_paste, dataset, schema, synth, twin_pretrain
+from bvip_helpers import dataset, schema
+from bvip_helpers.demo import copy_paste, pretrain, synth
 from bvip_helpers.io import read_jsonl, repo_root
 
 SAMPLE = repo_root() / "data" / "sample"
@@ -53,8 +54,8 @@ def test_pasted_object_keeps_its_pixels_height_and_labels():
         assert rows.tolist() == list(range(20, 26)) and len(cols) == 8 and pasted.sum() == 48  # same height, whole
         assert (image[pasted, 1] == 200).all() and (image[~pasted] == 0).all()
         columns.add(int(cols[0]))
-        visible = twin_pretrain.close_classes(new_items, new_mask)
-        names = [o.name for o in twin_pretrain.OBJECT_CLASSES]
+        visible = pretrain.close_classes(new_items, new_mask)
+        names = [o.name for o in pretrain.OBJECT_CLASSES]
         assert visible[names.index("bicycle")] == 1.0
         assert visible[names.index("person")] == float(bool((new_mask == base).any()))
     assert len(columns) > 5  # it moves sideways
@@ -77,9 +78,9 @@ def test_an_item_the_paste_hides_completely_is_no_longer_close():
     _, new_mask, new_items = copy_paste.paste_object(Image.new("RGB", (60, 40)), mask, items,
                                                         Image.new("RGB", (60, 40)), source_mask,
                                                         {"kind": "obstacle", "near": True}, 0, random.Random(0))
-    names = [o.name for o in twin_pretrain.OBJECT_CLASSES]
-    assert twin_pretrain.close_classes(items, mask) == [float(name == "car") for name in names]
-    assert twin_pretrain.close_classes(new_items, new_mask) == [float(name == "obstacle") for name in names]
+    names = [o.name for o in pretrain.OBJECT_CLASSES]
+    assert pretrain.close_classes(items, mask) == [float(name == "car") for name in names]
+    assert pretrain.close_classes(new_items, new_mask) == [float(name == "obstacle") for name in names]
 
 
 def test_paste_object_leaves_a_scene_of_another_size_as_it_was():
@@ -108,12 +109,12 @@ def sample_copy(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_rebuilt_caption_of_an_unpasted_scene_is_the_builders(sample_copy):
     image_root, data_dir = sample_copy
-    scenes = {s["image_path"]: s for s in twin_pretrain.read_scenes(image_root, "train")}
+    scenes = {s["image_path"]: s for s in synth.read_scenes(image_root, "train")}
     loaded: dict = {}
     same = 0
     for record in read_jsonl(data_dir / "bvpi_chat_train.jsonl"):
         scene = scenes[record["image"]]
-        _, mask = twin_pretrain.scene_picture_and_mask(loaded, image_root, scene)
+        _, mask = synth.scene_picture_and_mask(loaded, image_root, scene)
         response = record["messages"][-1]["content"][0]["text"]
         rebuilt = copy_paste.caption_with_objects(response, record, *copy_paste.visible_labels(scene["items"], mask))
         same += rebuilt == response

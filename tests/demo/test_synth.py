@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bvip_helpers import copy_paste, synth
 from bvip_helpers.cli import main
+from bvip_helpers.demo import copy_paste, synth
 from bvip_helpers.schema import OBJECT_CLASSES
 
 REAL_HEADER = (
@@ -250,10 +250,9 @@ def test_committed_sample(sample_dir):
     splits = Counter(r[2] for r in rows)
     assert splits["val"] >= 8 and splits["test"] >= 8 and splits["train"] >= 40
     assert _rows(sample_dir / synth.ANNOTATIONS_FILE)[0] == REAL_HEADER
-    # what is committed; notebook 03's smoke run writes its pasted SFT images beside it (git-ignored)
-    committed = [p for p in sample_dir.rglob("*")
-                 if p.is_file() and copy_paste.IMAGE_FOLDER not in p.relative_to(sample_dir).parts]
+    committed = [p for p in sample_dir.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in committed) < 1.5e6
+    assert not (sample_dir / copy_paste.IMAGE_FOLDER).exists(), "nothing writes pasted images into data/sample"
     for image_path, _, _ in rows:
         assert (sample_dir / image_path).is_file()
 

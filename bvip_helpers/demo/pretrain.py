@@ -11,7 +11,7 @@ give it both abilities before SFT, on the **train split only** of the synthetic 
    mean image token which object classes are close, and a third which third of the picture (left,
    center, right) each token lies in, so that the tokens say *where* an object is. Scenes with rare
    close classes (cars, bicycles) are shown more often (:func:`repeat_factors`), every view gets a close item of another scene pasted
-   in (copy-paste augmentation, :mod:`bvip_helpers.copy_paste`), and a check on the val scenes
+   in (copy-paste augmentation, :mod:`bvip_helpers.demo.copy_paste`), and a check on the val scenes
    (:func:`vision_check`, saved in ``vision_pretrain.json``) says how many close objects the tower
    finds before any captioning is trained. Without this stage the twin learns where
    the sidewalk and road are (large regions) but hardly ever the close objects: through the
@@ -35,12 +35,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bvip_helpers import twins
-from bvip_helpers.copy_paste import paste_bank, paste_object, pick_paste_source
+from bvip_helpers.demo import twins
+from bvip_helpers.demo.copy_paste import paste_bank, paste_object, pick_paste_source
+from bvip_helpers.demo.synth import SCENES_FILE, load_mask, read_scenes, scene_picture_and_mask
 from bvip_helpers.io import (
+    CAPTIONS_FILE,
     atomic_dir,
     file_sha1,
-    iter_jsonl,
     load_image,
     resolve,
     safe_image_path,
@@ -49,7 +50,6 @@ from bvip_helpers.io import (
 )
 from bvip_helpers.registry import TWIN_META_FILE, get_spec, load_model_and_processor
 from bvip_helpers.schema import OBJECT_CLASSES
-from bvip_helpers.synth import CAPTIONS_FILE, SCENES_FILE
 
 SETTINGS_FILE = "pretrain_settings.json"
 #: What a generic captioner is asked during pre-training; the BVIP instruction is new to it at SFT time.
@@ -78,7 +78,7 @@ REPEAT_THRESHOLD = 0.15
 #: Vision pre-training crops at least this much of each side (see :func:`augment_view`).
 CROP_SCALE = 0.8
 #: Copy-paste augmentation (Ghiasi et al., CVPR 2021): the chance that a vision pre-training view gets one more
-#: close item, cut along its label mask out of another training scene (:mod:`bvip_helpers.copy_paste`). Every
+#: close item, cut along its label mask out of another training scene (:mod:`bvip_helpers.demo.copy_paste`). Every
 #: view gets one: the tower then sees each bicycle, car and bollard in front of many backgrounds, not only its own.
 #: Pasting into half of the views did less on val; pasting only the classes rarer than :data:`REPEAT_THRESHOLD`
 #: tied on val, with a tower that a probe read less well (README, "What the CPU demo shows").
@@ -102,20 +102,6 @@ def _cached(out_dir: Path, settings: dict[str, Any], force: bool) -> bool:
 # --- Stage 1: the vision tower ------------------------------------------------
 
 
-def read_scenes(image_root: str | os.PathLike[str], split: str = "train",
-                allow_empty: bool = False) -> list[dict[str, Any]]:
-    """The scenes of one split from ``synth_scenes.jsonl`` (written by ``bvip synth``); an empty split
-    raises unless ``allow_empty``."""
-    path = resolve(image_root) / SCENES_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: vision pre-training needs synthetic scenes and their label masks; "
-                                f"draw them with `bvip synth --out_dir {image_root}`")
-    scenes = [s for s in iter_jsonl(path) if s.get("split") == split]
-    if not scenes and not allow_empty:
-        raise ValueError(f"{path}: no scenes in split {split!r}")
-    return scenes
-
-
 def patch_labels(mask: Any, items: list[dict[str, Any]], grid_h: int, grid_w: int) -> list[int]:
     """One label per image patch (index into :data:`PATCH_CLASSES`), in Qwen2-VL's patch order.
 
@@ -129,7 +115,7 @@ def patch_labels(mask: Any, items: list[dict[str, Any]], grid_h: int, grid_w: in
     """
     import numpy as np
 
-    from bvip_helpers.synth import ITEM_MASK_BASE, MASK_ROAD, MASK_SIDEWALK
+    from bvip_helpers.demo.synth import ITEM_MASK_BASE, MASK_ROAD, MASK_SIDEWALK
 
     mask = np.asarray(mask).astype(np.int64)
     height, width = mask.shape
@@ -159,7 +145,7 @@ def close_classes(items: list[dict[str, Any]], mask: Any = None) -> list[float]:
     """
     import numpy as np
 
-    from bvip_helpers.synth import ITEM_MASK_BASE
+    from bvip_helpers.demo.synth import ITEM_MASK_BASE
 
     visible = set(np.flatnonzero(np.bincount(np.asarray(mask).ravel(), minlength=256))) if mask is not None else None
     close = {item["kind"] for i, item in enumerate(items)
@@ -245,7 +231,7 @@ def vision_check(vision: Any, head: Any, processor: Any, image_root: Path, scene
                 column_correct += int((column_head(tokens).argmax(-1) == thirds).sum())
                 column_total += len(thirds)
             for scene, grid, guess in zip(batch, inputs["image_grid_thw"], predicted.split(per_image), strict=True):
-                truth = torch.tensor(patch_labels(_load_mask(image_root, scene), scene["items"], int(grid[1]),
+                truth = torch.tensor(patch_labels(load_mask(image_root, scene), scene["items"], int(grid[1]),
                                                   int(grid[2])))
                 correct += int((guess == truth).sum())
                 total += len(truth)
@@ -276,7 +262,7 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
     (:func:`close_classes`), and one tells each token's third of the picture (:func:`token_thirds`, loss
     weight ``column_weight``). Every step sees new random views of the scenes (:func:`augment_view`), a
     share ``copy_paste_rate`` of them with a close item of another scene pasted in
-    (:func:`~bvip_helpers.copy_paste.paste_object`), so 2,000 steps over 3,196 scenes do not simply memorise them.
+    (:func:`~bvip_helpers.demo.copy_paste.paste_object`), so 2,000 steps over 3,196 scenes do not simply memorise them.
     Returns ``out_dir``; a rerun with the same settings and twin returns the cached folder at once.
     """
     import torch
@@ -382,26 +368,6 @@ def pretrain_twin_vision(model: str | os.PathLike[str], image_root: str | os.Pat
     return out_dir
 
 
-def scene_picture_and_mask(loaded: dict[str, tuple[Any, Any]], image_root: Path,
-                           scene: dict[str, Any]) -> tuple[Any, Any]:
-    """A training scene's image and label mask, read from disk once."""
-    if scene["image_path"] not in loaded:
-        loaded[scene["image_path"]] = (load_image(safe_image_path(image_root, scene["image_path"])),
-                                       _load_mask(image_root, scene))
-    return loaded[scene["image_path"]]
-
-
-def _load_mask(image_root: Path, scene: dict[str, Any]) -> Any:
-    import numpy as np
-    from PIL import Image
-
-    if not scene.get("mask_path"):
-        raise FileNotFoundError(f"{image_root / SCENES_FILE}: scene {scene['image_path']} has no label mask; "
-                                f"redraw the scenes with `bvip synth --out_dir {image_root}` (masks are on by default)")
-    with Image.open(safe_image_path(image_root, scene["mask_path"])) as mask:
-        return np.asarray(mask.convert("L"))
-
-
 def _save_model(net: Any, processor: Any, source_dir: Path, out_dir: Path) -> None:
     """Save model, processor and the twin's meta file; atomically, so a crash never leaves half a model."""
     with atomic_dir(out_dir) as staging:
@@ -462,8 +428,7 @@ def pretrain_twin_base(model: str | os.PathLike[str], image_root: str | os.PathL
                        output_dir=str(out_dir), method="full", train_vision=train_vision, max_steps=max_steps,
                        lr=lr, batch_size=batch_size, seed=seed, train_file=str(files["train"]),
                        val_file=str(files["val"]), eval=False, merge=False, max_length=max_length,
-                       logging_steps=max(1, max_steps // 20), lr_scheduler="cosine",
-                       figure_name=f"pretrain_loss_{model_dir.name}")
+                       logging_steps=max(1, max_steps // 20), lr_scheduler="cosine")
     result = train_sft(params)
     write_json(out_dir / SETTINGS_FILE, settings)
     print(f"caption pretrain: {result.global_step} steps in {result.train_seconds:.0f}s -> {out_dir}")

@@ -805,19 +805,6 @@ def load_twin(path: str | os.PathLike[str]) -> tuple[Any, Any]:
     return model, processor
 
 
-def format_prompt(family: str, processor: Any, prompt: str) -> str:
-    """The text to hand the processor for one image + ``prompt``, in the family's own format.
-
-    Chat families go through the chat template (with the generation prompt, so the answer
-    can be appended directly); the others take the plain prompt (their processors add the
-    image tokens themselves).
-    """
-    if FAMILIES[family].prompt_style == "chat":
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return prompt
-
-
 _VISION_PARAM = re.compile(r"(^|\.)(visual|vision_tower|vision_model|vision|image_encoder|vision_encoder)\.")
 
 
@@ -839,11 +826,13 @@ def iter_families(selection: str) -> Iterator[str]:
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
+    from bvip_helpers.io import resolve_cli_path
+
     parser.add_argument("--family", required=True,
                         help=f"one of {', '.join(FAMILIES)}, a comma-separated list, or 'all'")
-    parser.add_argument("--data_dir", default=None,
+    parser.add_argument("--data_dir", type=resolve_cli_path, default=None,
                         help="a `bvip build-dataset` output or a `bvip synth` output; its texts train the tokenizer")
-    parser.add_argument("--out", default=None,
+    parser.add_argument("--out", type=resolve_cli_path, default=None,
                         help=f"output folder (default {DEFAULT_TWIN_ROOT}/tiny-<family>); with several families "
                              "or 'all', the parent folder that gets one tiny-<family> sub-folder per family")
     parser.add_argument("--seed", type=int, default=0)
@@ -852,12 +841,12 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from bvip_helpers.io import resolve
+    from bvip_helpers.io import resolve_cli_path
 
     families = list(iter_families(args.family))
-    data_dir = resolve(args.data_dir) if args.data_dir else None
+    data_dir = args.data_dir
     single = len(families) == 1 and args.family != "all" and args.out is not None
-    out = resolve(args.out or DEFAULT_TWIN_ROOT)
+    out = args.out or resolve_cli_path(DEFAULT_TWIN_ROOT)
     for family in families:
         target = out if single else out / f"tiny-{family}"
         start = time.perf_counter()

@@ -13,7 +13,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
-from bvip_helpers import schema, twins  # noqa: E402
+from bvip_helpers import families, schema  # noqa: E402
+from bvip_helpers.demo import twins  # noqa: E402
+from bvip_helpers.registry import get_spec  # noqa: E402
 
 CAPTION = schema.compose_caption(
     schema.SceneLabels("left", "right", near={"person": ["center"], "obstacle": ["left", "right"]},
@@ -49,7 +51,7 @@ def _image(seed: int = 0) -> Image.Image:
 def _inputs(family: str, processor, with_answer: bool, n: int = 1):
     """Processor-made inputs in the family's prompt format (one image + the BVIP prompt)."""
     recipe = twins.FAMILIES[family]
-    prompt = twins.format_prompt(family, processor, schema.DEFAULT_PROMPT)
+    prompt = families.format_prompt(processor, get_spec(f"tiny-{family}"), schema.DEFAULT_PROMPT)
     images = [_image(i) for i in range(n)]
     kwargs = {}
     texts = [prompt] * n
@@ -145,7 +147,7 @@ def test_chat_template_generation_prompt_is_a_prefix_of_the_training_text(family
     answer = {"role": "assistant", "content": [{"type": "text", "text": CAPTION}]}
     full = processor.apply_chat_template([user, answer])
     prompt = processor.apply_chat_template([user], add_generation_prompt=True)
-    assert prompt == twins.format_prompt(family, processor, schema.DEFAULT_PROMPT)
+    assert prompt == families.format_prompt(processor, get_spec(f"tiny-{family}"), schema.DEFAULT_PROMPT)
     assert full.startswith(prompt) and CAPTION in full[len(prompt):]
     assert full.count(schema.DEFAULT_PROMPT) == 1
     tok = processor.tokenizer

@@ -3,7 +3,7 @@
 A close object is cut out of one training scene along its label mask (``bvip synth`` saves one per
 scene) and pasted into another. Two stages use it:
 
-* vision pre-training (:mod:`bvip_helpers.twin_pretrain`) pastes into every random view, so the tower
+* vision pre-training (:mod:`bvip_helpers.demo.pretrain`) pastes into every random view, so the tower
   sees each bicycle in front of many backgrounds (:func:`paste_bank`, :func:`paste_object`);
 * SFT (:func:`copy_paste_train_file`): each training scene gets pasted copies, written as images with
   a priority caption whose ``Nearby:`` and ``Far:`` lines are rebuilt from what the new label mask
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from bvip_helpers import schema
+from bvip_helpers.demo.synth import ITEM_MASK_BASE, SCENES_FILE, read_scenes, scene_picture_and_mask
 from bvip_helpers.io import atomic_dir, file_sha1, read_jsonl, resolve, safe_image_path, write_json, write_jsonl
-from bvip_helpers.synth import ITEM_MASK_BASE, SCENES_FILE
 
 #: Folder under the image root that holds the pasted SFT images.
 IMAGE_FOLDER = "copy_paste"
@@ -144,8 +144,6 @@ def augment_records(records: list[dict[str, Any]], image_root: str | Path, out_d
     label mask shows: a caption that is wrong already would stay wrong after a paste.
     """
     from tqdm.auto import tqdm
-
-    from bvip_helpers.twin_pretrain import read_scenes, scene_picture_and_mask
 
     image_root = resolve(image_root)
     scenes = read_scenes(image_root, "train")

@@ -32,13 +32,19 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from bvip_helpers.io import atomic_path, resolve
+from bvip_helpers.io import (
+    ANNOTATIONS_FILE,
+    CAPTIONS_FILE,
+    atomic_path,
+    iter_jsonl,
+    load_image,
+    resolve,
+    safe_image_path,
+)
 from bvip_helpers.schema import OBJECT_CLASSES, SCENERY_COLUMNS
 
 # --- Output layout ------------------------------------------------------------
 
-CAPTIONS_FILE = "complete_captions_sensation.csv"
-ANNOTATIONS_FILE = "annotations_with_obj_pos.csv"
 SCENES_FILE = "synth_scenes.jsonl"
 CAPTION_COLUMNS = ["image_path", "target", "split"]
 NEAR_COLUMNS = ["m_bicycle", "m_car", "m_person", "m_traffic_sign", "traffic_light", "m_obstacle",
@@ -947,7 +953,7 @@ def generate_dataset(out_dir: str | Path, n: int = 1000, seed: int = 0, image_si
     With ``masks`` each scene's label mask is saved as a PNG (``<split dir>/masks/``, pixel values
     0 ground/sky/buildings, :data:`MASK_SIDEWALK`, :data:`MASK_ROAD`, and :data:`ITEM_MASK_BASE` + i
     for ``items[i]`` of ``synth_scenes.jsonl``): the dense ground truth the tiny twin's vision
-    tower is pre-trained on (``twin_pretrain``). The real data set has no such masks.
+    tower is pre-trained on (:mod:`bvip_helpers.demo.pretrain`). The real data set has no such masks.
 
     With ``quirks`` (the default) the annotations carry two of the real file's flaws so the
     dataset builder's checks have something to report: one exact duplicate row and one row
@@ -994,6 +1000,42 @@ def generate_dataset(out_dir: str | Path, n: int = 1000, seed: int = 0, image_si
     with atomic_path(paths["scenes_jsonl"]) as tmp:
         tmp.write_text("".join(json.dumps(scene_record(s)) + "\n" for s in scenes), encoding="utf-8")
     return paths
+
+
+# --- Reading scenes back ------------------------------------------------------
+
+
+def read_scenes(image_root: str | os.PathLike[str], split: str = "train",
+                allow_empty: bool = False) -> list[dict[str, Any]]:
+    """The scenes of one split from ``synth_scenes.jsonl`` (written by ``bvip synth``); an empty split
+    raises unless ``allow_empty``."""
+    path = resolve(image_root) / SCENES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: vision pre-training needs synthetic scenes and their label masks; "
+                                f"draw them with `bvip synth --out_dir {image_root}`")
+    scenes = [s for s in iter_jsonl(path) if s.get("split") == split]
+    if not scenes and not allow_empty:
+        raise ValueError(f"{path}: no scenes in split {split!r}")
+    return scenes
+
+
+def scene_picture_and_mask(loaded: dict[str, tuple[Any, Any]], image_root: Path,
+                           scene: dict[str, Any]) -> tuple[Any, Any]:
+    """A training scene's image and label mask, read from disk once."""
+    if scene["image_path"] not in loaded:
+        loaded[scene["image_path"]] = (load_image(safe_image_path(image_root, scene["image_path"])),
+                                       load_mask(image_root, scene))
+    return loaded[scene["image_path"]]
+
+
+def load_mask(image_root: str | os.PathLike[str], scene: dict[str, Any]) -> Any:
+    """A scene's label mask as a 2-D uint8 array (values as :func:`generate_dataset` describes)."""
+    image_root = Path(image_root)
+    if not scene.get("mask_path"):
+        raise FileNotFoundError(f"{image_root / SCENES_FILE}: scene {scene['image_path']} has no label mask; "
+                                f"redraw the scenes with `bvip synth --out_dir {image_root}` (masks are on by default)")
+    with Image.open(safe_image_path(image_root, scene["mask_path"])) as mask:
+        return np.asarray(mask.convert("L"))
 
 
 def scene_record(scene: Scene) -> dict[str, Any]:
@@ -1060,14 +1102,16 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out_dir", default="data/synthetic", help="folder for the CSVs and images")
+    from bvip_helpers.io import resolve_cli_path
+
+    parser.add_argument("--out_dir", type=resolve_cli_path, default="data/synthetic", help="folder for the CSVs and images")
     parser.add_argument("--n", type=int, default=1000, help="number of scenes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image_size", type=_image_size, default=(256, 192), help="WIDTHxHEIGHT, e.g. 256x192")
     parser.add_argument("--jpeg_quality", type=int, default=85)
     parser.add_argument("--no_quirks", action="store_true",
                         help="leave out the duplicate row and the empty-cells row")
-    parser.add_argument("--compare_to", default=None, metavar="REAL_CSV",
+    parser.add_argument("--compare_to", type=resolve_cli_path, default=None, metavar="REAL_CSV",
                         help="print label frequencies next to this real annotations CSV")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--workers", type=int, default=0, help="drawing processes (0: one per CPU core)")
@@ -1080,7 +1124,7 @@ def run_cli(args: argparse.Namespace) -> int:
     for key, path in paths.items():
         print(f"{key}: {path}")
     if args.compare_to:
-        real = resolve(args.compare_to)
+        real = args.compare_to
         if not real.is_file():
             print(f"error: --compare_to {real} does not exist; pass the real annotations_with_obj_pos.csv")
             return 2

@@ -1,0 +1,64 @@
+"""The CPU demo's settings, in one place: the data it draws, how its base model was made, and the
+parameters ``make demo`` hands the notebooks (whose own defaults suit a real 1-3B checkpoint).
+
+Every value was chosen on the val split of the synthetic scenes; ``docs/demo.md`` keeps the measured
+history behind each choice. ``bvip demo params <notebook>`` prints a notebook's parameters as YAML
+for ``papermill -f``, which is how ``scripts/demo.sh`` passes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bvip_helpers.registry import MODELS, TINY_BASE
+
+#: Synthetic scenes ``make demo`` draws into ``data/synthetic`` (80 % train), and the seed of everything.
+SCENES = 4000
+SEED = 0
+IMAGE_ROOT = "data/synthetic"
+DATA_DIR = "data/bvpi_out"
+
+#: How ``bvip demo base`` turns the random ``tiny-qwen2-vl`` twin into the committed base model
+#: (:func:`bvip_helpers.demo.pretrain.build_demo_base`). ``image_size`` is the longest image side in
+#: pixels (168 x 140: 30 image tokens); ``threads`` is the torch thread count, since another count sums
+#: in another order and trains a slightly different tower.
+BASE = {"family": "qwen2-vl", "image_size": 168, "vision_steps": 2000, "vision_lr": 2e-3, "caption_steps": 1500,
+        "caption_lr": 1e-3, "batch_size": 16, "copy_paste_rate": 1.0, "column_weight": 1.0, "threads": 2}
+
+#: Pasted copies of each training scene that join the demo's SFT records (:mod:`bvip_helpers.demo.copy_paste`).
+SFT_COPY_PASTE = 1
+
+#: LoRA on the twin's language model and on the merger that hands it the image tokens: the merger was trained
+#: to feed a patch classifier, not a language model.
+TWIN_LORA_TARGETS = (r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+                     r"|visual\.merger\.mlp\.(0|2))")
+
+
+def base_dir() -> str:
+    """Where the committed base lives (the registry's ``tiny-qwen2-vl-base`` entry)."""
+    return MODELS[TINY_BASE].hub_id
+
+
+def copy_paste_train_file() -> str:
+    from bvip_helpers.demo.copy_paste import TRAIN_FILE
+
+    return f"{DATA_DIR}/{TRAIN_FILE}"
+
+
+def notebook_params(notebook: str) -> dict[str, Any]:
+    """The papermill parameters ``make demo`` gives ``notebook`` (``03_sft``, ``05_eval``; others get none).
+
+    SFT: lr 4e-3 and rank 64 where a real checkpoint wants about 2e-4 and 16. A random-init twin has learned
+    far less than a real model, so it must move further in 1,000 steps; the output layer (``lm_head``) is
+    trained in full beside LoRA because caption pre-training never taught its rows for the words only the
+    BVIP format uses (``Nearby``, ``nothing``, ``RoadVsSidewalk``). Evaluation: the base and its adapter,
+    400 training images captioned again (under- or overfitting?).
+    """
+    key = notebook.removesuffix(".ipynb")
+    if key == "03_sft":
+        return {"model": TINY_BASE, "lr": 4e-3, "lora_r": 64, "lora_alpha": 64, "max_steps": 1000,
+                "batch_size": 16, "grad_accum": 1, "save_steps": 250, "lora_targets": TWIN_LORA_TARGETS,
+                "lora_modules_to_save": "lm_head", "train_file": copy_paste_train_file(), "example_cache_gb": 4.0}
+    if key == "05_eval":
+        return {"MODELS": [TINY_BASE], "ADAPTERS": [f"runs/{TINY_BASE}/sft"], "FIT_SAMPLE": 400}
+    return {}

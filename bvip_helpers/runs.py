@@ -1,0 +1,96 @@
+"""Evaluation runs: what each model variant captions, what it is scored against, and where its files go.
+
+Notebooks 03 and 05 (and ``bvip batch``) share these rules, so a figure in one notebook and a row of
+the leaderboard always describe the same images:
+
+- :func:`split_records` -- the records of a split to caption (the SFT file of notebook 02, or the
+  split's images with the default prompt);
+- :func:`scored_truth` -- the ground truth cut down to the captioned images of that split, so an image
+  left out on purpose (a limit, a sample) is not counted as a miss;
+- :func:`eval_variants` and :func:`run_dir` -- one variant per base model, adapter and decoding, and
+  the folder under ``runs/`` where its predictions and ``eval_<split>.json`` live (the leaderboard
+  reads them from there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bvip_helpers import schema
+from bvip_helpers.io import read_jsonl, resolve
+
+
+def split_records(data_dir: str | os.PathLike[str], split: str, truth: pd.DataFrame,
+                  limit: int | None = None) -> list[dict[str, Any]]:
+    """The records to caption for ``split``: ``<data_dir>/bvpi_sft_<split>.jsonl`` (image and prompt), or, when
+    that file is missing, every image of the split in ``truth`` with :data:`schema.DEFAULT_PROMPT`.
+
+    ``limit`` keeps the first N records (``None`` or 0: all).
+    """
+    path = resolve(data_dir) / f"bvpi_sft_{split}.jsonl"
+    if path.is_file():
+        records = read_jsonl(path)
+    else:
+        print(f"{path} not found: captioning the {split} images of the ground truth with the default prompt")
+        rows = truth[truth["split"] == split]
+        records = [{"image": p, "prompt": schema.DEFAULT_PROMPT} for p in rows["image_path"]]
+    return records[:limit] if limit else records
+
+
+def scored_truth(truth: pd.DataFrame, split: str, records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """``truth`` with ``split`` cut down to the images of ``records``; the other splits stay (the baselines
+    learn their majority values from the train split)."""
+    wanted = {Path(str(r["image"])).name for r in records}
+    names = truth["image_path"].map(lambda p: Path(str(p)).name)
+    return truth[names.isin(wanted) | (truth["split"] != split)]
+
+
+def adapter_base(adapter: str | os.PathLike[str], default: str) -> str:
+    """The base model an adapter folder was trained from (its ``adapter_config.json``), else ``default``."""
+    config = resolve(adapter) / "adapter_config.json"
+    if not config.is_file():
+        return default
+    base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    return str(base) if base else default
+
+
+def eval_variants(models: Sequence[str], adapters: Sequence[str], *, also_constrained: bool) -> list[dict[str, Any]]:
+    """One variant per zero-shot model and per adapter, each greedy and (``also_constrained``) constrained.
+
+    A variant is ``{"label", "model", "adapter", "constrained"}``; labels name the model or adapter only
+    when there are several of them.
+    """
+    runs = [{"label": "zero-shot" if len(models) == 1 else f"zero-shot {m}", "model": m, "adapter": None}
+            for m in models]
+    runs += [{"label": "SFT" if len(adapters) == 1 else f"SFT {a}",
+              "model": adapter_base(a, models[0] if models else ""), "adapter": a} for a in adapters]
+    variants = []
+    for run in runs:
+        for constrained in ([False, True] if also_constrained else [False]):
+            variants.append({**run, "constrained": constrained,
+                             "label": run["label"] + (" + constrained" if constrained else "")})
+    return variants
+
+
+def run_dir(variant: Mapping[str, Any], runs_dir: str | os.PathLike[str]) -> Path:
+    """Where a variant's ``preds_<split>.jsonl`` and ``eval_<split>.json`` go.
+
+    Zero-shot: ``<runs_dir>/<model>/zero_shot[_constrained]``. An adapter: ``<adapter>/eval`` (or
+    ``<adapter>/constrained``); an adapter under ``runs/`` but outside ``runs_dir`` is mapped into ``runs_dir``
+    (a smoke run never writes into the real runs).
+    """
+    runs_dir = resolve(runs_dir)
+    constrained = bool(variant.get("constrained"))
+    if variant.get("adapter"):
+        base = resolve(variant["adapter"])
+        if base.is_relative_to(resolve("runs")) and not base.is_relative_to(runs_dir):
+            base = runs_dir / base.relative_to(resolve("runs"))
+        return base / ("constrained" if constrained else "eval")
+    slug = Path(str(variant["model"]).rstrip("/")).name
+    return runs_dir / slug / ("zero_shot_constrained" if constrained else "zero_shot")
