@@ -58,7 +58,8 @@ def notebook_params(notebook: str) -> dict[str, Any]:
     if key == "03_sft":
         return {"model": TINY_BASE, "lr": 4e-3, "lora_r": 64, "lora_alpha": 64, "max_steps": 1000,
                 "batch_size": 16, "grad_accum": 1, "save_steps": 250, "lora_targets": TWIN_LORA_TARGETS,
-                "lora_modules_to_save": "lm_head", "train_file": copy_paste_train_file(), "example_cache_gb": 4.0}
+                "lora_modules_to_save": "lm_head", "train_file": copy_paste_train_file(), "example_cache_gb": 4.0,
+                "cpu_threads": BASE["threads"]}
     if key == "05_eval":
         return {"MODELS": [TINY_BASE], "ADAPTERS": [f"runs/{TINY_BASE}/sft"], "FIT_SAMPLE": 400}
     return {}
