@@ -371,7 +371,7 @@ def model_source(spec: ModelSpec) -> str:
 
 def load_model_and_processor(spec: ModelSpec | str, *, adapter: str | os.PathLike[str] | None = None,
                              load_in_4bit: bool = False, dtype: Any = None, device_map: Any = None,
-                             trust_remote_code: bool = False) -> tuple[Any, Any]:
+                             trust_remote_code: bool = False, trainable_adapter: bool = False) -> tuple[Any, Any]:
     """Load weights (safetensors only) and the processor; optionally 4-bit and a PEFT adapter on top.
 
     Tiny twins and local checkpoints go through the same ``from_pretrained`` calls as hub ids.
@@ -403,7 +403,7 @@ def load_model_and_processor(spec: ModelSpec | str, *, adapter: str | os.PathLik
     if spec.family == "blip":
         _sync_decoder_bos(model, processor)
     if adapter is not None:
-        model = _load_adapter(model, Path(adapter))
+        model = _load_adapter(model, Path(adapter), trainable=trainable_adapter)
     return model, processor
 
 
@@ -446,7 +446,7 @@ def _sync_decoder_bos(model: Any, processor: Any) -> None:
         tok.bos_token = tok.convert_ids_to_tokens(bos)
 
 
-def _load_adapter(model: Any, adapter_dir: Path) -> Any:
+def _load_adapter(model: Any, adapter_dir: Path, trainable: bool = False) -> Any:
     from peft import PeftModel
 
     adapter_dir = resolve(adapter_dir)
@@ -454,7 +454,7 @@ def _load_adapter(model: Any, adapter_dir: Path) -> Any:
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter (no adapter_config.json)")
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors; pickled adapters are not loaded")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
 # --- Table ------------------------------------------------------------------

@@ -60,16 +60,25 @@ def adapter_base(adapter: str | os.PathLike[str], default: str) -> str:
     return str(base) if base else default
 
 
+def adapter_labels(adapters: Sequence[str]) -> list[str]:
+    """``SFT``, ``DPO``, ...: an adapter is named by its folder (``runs/<model>/sft``), or by its path when two
+    folders share a name."""
+    names = [Path(str(a).rstrip("/")).name.upper() for a in adapters]
+    if len(adapters) == 1 and names[0] not in ("SFT", "DPO"):
+        return ["SFT"]
+    return [name if names.count(name) == 1 else f"{name} {a}" for a, name in zip(adapters, names, strict=True)]
+
+
 def eval_variants(models: Sequence[str], adapters: Sequence[str], *, also_constrained: bool) -> list[dict[str, Any]]:
     """One variant per zero-shot model and per adapter, each greedy and (``also_constrained``) constrained.
 
-    A variant is ``{"label", "model", "adapter", "constrained"}``; labels name the model or adapter only
-    when there are several of them.
+    A variant is ``{"label", "model", "adapter", "constrained"}``; a zero-shot label names the model only when
+    there are several, an adapter's label is :func:`adapter_labels`.
     """
     runs = [{"label": "zero-shot" if len(models) == 1 else f"zero-shot {m}", "model": m, "adapter": None}
             for m in models]
-    runs += [{"label": "SFT" if len(adapters) == 1 else f"SFT {a}",
-              "model": adapter_base(a, models[0] if models else ""), "adapter": a} for a in adapters]
+    runs += [{"label": label, "model": adapter_base(a, models[0] if models else ""), "adapter": a}
+             for a, label in zip(adapters, adapter_labels(adapters), strict=True)]
     variants = []
     for run in runs:
         for constrained in ([False, True] if also_constrained else [False]):

@@ -32,6 +32,7 @@ notebook 02_build_dataset
 step "copy-paste: one pasted copy of each training scene joins the SFT records"
 bvip demo copy-paste --data_dir data/bvpi_out --image_root data/synthetic
 notebook 03_sft
+notebook 04_dpo
 notebook 05_eval
 
 step "done in $(( $(date +%s) - start ))s"

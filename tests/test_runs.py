@@ -41,6 +41,9 @@ def test_eval_variants_read_the_base_of_an_adapter(tmp_path):
     assert [v["label"] for v in variants] == ["zero-shot", "zero-shot + constrained", "SFT", "SFT + constrained"]
     assert variants[2]["model"] == "/models/base" and variants[2]["adapter"] == str(adapter)
     assert runs.eval_variants(["a", "b"], [], also_constrained=False)[1]["label"] == "zero-shot b"
+    assert runs.adapter_labels(["runs/m/sft", "runs/m/dpo"]) == ["SFT", "DPO"]
+    assert runs.adapter_labels(["runs/a/sft", "runs/b/sft"]) == ["SFT runs/a/sft", "SFT runs/b/sft"]
+    assert runs.adapter_labels(["checkpoints/run7"]) == ["SFT"]
 
 
 def test_run_dir_keeps_a_smoke_run_inside_its_own_runs_folder():

@@ -34,6 +34,11 @@ TWIN_LORA_TARGETS = (r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_pr
                      r"|visual\.merger\.mlp\.(0|2))")
 
 
+#: Notebook 04's DPO settings for the twin (chosen on val; docs/demo.md keeps the runs behind them).
+DPO = {"pair_sources": "controlled,ranked", "ranked_images": 400, "ranked_n": 4, "beta": 0.1, "lr": 1e-4,
+       "max_steps": 150, "batch_size": 8, "grad_accum": 1}
+
+
 def base_dir() -> str:
     """Where the committed base lives (the registry's ``tiny-qwen2-vl-base`` entry)."""
     return MODELS[TINY_BASE].hub_id
@@ -60,6 +65,9 @@ def notebook_params(notebook: str) -> dict[str, Any]:
                 "batch_size": 16, "grad_accum": 1, "save_steps": 250, "lora_targets": TWIN_LORA_TARGETS,
                 "lora_modules_to_save": "lm_head", "train_file": copy_paste_train_file(), "example_cache_gb": 4.0,
                 "cpu_threads": BASE["threads"]}
+    if key == "04_dpo":
+        return {"model": TINY_BASE, "sft_adapter": f"runs/{TINY_BASE}/sft", **DPO, "cpu_threads": BASE["threads"]}
     if key == "05_eval":
-        return {"MODELS": [TINY_BASE], "ADAPTERS": [f"runs/{TINY_BASE}/sft"], "FIT_SAMPLE": 400}
+        return {"MODELS": [TINY_BASE], "ADAPTERS": [f"runs/{TINY_BASE}/sft", f"runs/{TINY_BASE}/dpo"],
+                "FIT_SAMPLE": 400}
     return {}

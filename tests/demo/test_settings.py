@@ -24,7 +24,7 @@ def _parameters(notebook: str) -> dict:
             for node in ast.parse(nb.cells[1].source).body if isinstance(node, ast.Assign)}
 
 
-@pytest.mark.parametrize("notebook", ["03_sft", "05_eval"])
+@pytest.mark.parametrize("notebook", ["03_sft", "04_dpo", "05_eval"])
 def test_demo_parameters_are_parameters_of_the_notebook(notebook):
     demo, defaults = settings.notebook_params(notebook), _parameters(notebook)
     assert demo, "the demo passes this notebook its own settings"
