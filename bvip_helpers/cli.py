@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "batch": ("batch", "run notebooks per model with papermill and write a leaderboard"),
     "export": ("exporters", "export the dataset for InternVL, OpenFlamingo, MobileVLM or Moondream"),
     "predict": ("predict", "batched, resumable caption generation"),
+    "report": ("report", "the error gallery: one self-contained HTML report of where each model fails"),
     # the CPU demo's machinery (bvip_helpers.demo)
     "synth": ("demo.synth", "draw synthetic street scenes and write SENSATION-style CSVs"),
     "tiny-model": ("demo.twins", "build a tiny offline twin of a model family"),

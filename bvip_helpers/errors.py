@@ -343,12 +343,16 @@ def spoken_summary(spoken: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             "words to last hazard": to_last, "seconds to last hazard": seconds(to_last)}
 
 
+def truth_spoken_summary(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """:func:`spoken_summary` of the ground-truth priority captions of the records' images (each image once)."""
+    return spoken_summary({r["image"]: r["truth"]["spoken"] for r in records}.values())
+
+
 def spoken_order_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """Spoken order per model, with the ground-truth priority caption of the same images as the reference."""
     rows = [{"model": model, **spoken_summary(r["spoken"] for r in records if r["model"] == model)}
             for model in dict.fromkeys(r["model"] for r in records)]
-    truth = {r["image"]: r["truth"]["spoken"] for r in records}
-    rows.append({"model": "priority caption (truth)", **spoken_summary(truth.values())})
+    rows.append({"model": "priority caption (truth)", **truth_spoken_summary(records)})
     return pd.DataFrame(rows)
 
 
