@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -157,6 +158,16 @@ def build_report(prediction_files: Mapping[str, str | os.PathLike[str]], caption
         raise ValueError(f"no {split} image of {captions_csv} has a prediction in any of the files; "
                          "check --split and that the files caption that split")
     return write_report(records, image_root, out_dir, title=title, thumb_size=thumb_size)
+
+
+def chromium_path() -> str | None:
+    """The system Chromium (``BVIP_CHROMIUM``, else ``chromium`` or ``chromium-browser`` on the PATH), or ``None``.
+
+    The browser test and the benchmark drive it with Playwright through ``executable_path``: Playwright cannot
+    download its own browser builds here, and ``scripts/setup_browser.sh`` installs Debian's package.
+    """
+    candidates = [os.environ.get("BVIP_CHROMIUM", ""), "chromium", "chromium-browser"]
+    return next((found for name in candidates if name and (found := shutil.which(name))), None)
 
 
 # --- a few cards as plain HTML (notebook widgets) -----------------------------------

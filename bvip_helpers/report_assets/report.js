@@ -126,22 +126,30 @@
 
   // --- summary -------------------------------------------------------------------------------
   function renderSummary() {
-    // One column per model (and the ground-truth priority caption for spoken order), one row per figure.
+    // One column per model, and the ground-truth priority caption as the reference for spoken order.
     const rows = DATA.summary;
     const truth = DATA.truthSpoken;
-    const metrics = rows.length ? Object.keys(rows[0]).filter((c) => c !== "model") : [];
+    const heard = (s, which) => (s["words to " + which + " hazard"] === null ? "n/a"
+      : fmt(s["words to " + which + " hazard"], 1) + " words · " + fmt(s["seconds to " + which + " hazard"], 1) + " s");
+    const never = (s) => s["no hazard heard"] + " of " + s["scenes with hazards"];
+    const spoken = [["first close hazard heard after", (s) => heard(s, "first")],
+                    ["last close hazard heard after", (s) => heard(s, "last")],
+                    ["scenes where no hazard is heard", never]];
+    const plain = rows.length ? Object.keys(rows[0]).filter((c) => c !== "model" && !c.includes("hazard")) : [];
     const table = el("table", {}, el("caption", { class: "keys" },
-      "Field accuracy counts a missing field as wrong. Spoken order: mean words (and seconds at "
-      + DATA.wordsPerMinute + " words a minute) a listener hears before the first and the last close hazard, over "
-      + "the scenes with close objects; the priority caption of the ground truth is the reference."));
+      "Field accuracy counts a missing field as wrong. Spoken order: mean words (seconds at " + DATA.wordsPerMinute
+      + " words a minute) before a listener hears the first and the last close hazard of the scene."));
     table.append(el("thead", {}, el("tr", {}, el("th", { scope: "col", text: "" }),
       ...rows.map((row) => el("th", { scope: "col", text: row.model })),
       el("th", { scope: "col", text: "priority caption (truth)" }))));
     const body = el("tbody");
-    for (const metric of metrics) {
+    for (const metric of plain) {
       body.append(el("tr", {}, el("th", { scope: "row", text: metric }),
-        ...rows.map((row) => el("td", { class: "num", text: fmt(row[metric], digits(metric)) })),
-        el("td", { class: "num", text: metric in truth ? fmt(truth[metric], digits(metric)) : "" })));
+        ...rows.map((row) => el("td", { class: "num", text: fmt(row[metric], digits(metric)) })), el("td")));
+    }
+    for (const [label, show] of spoken) {
+      body.append(el("tr", {}, el("th", { scope: "row", text: label }),
+        ...rows.map((row) => el("td", { class: "num", text: show(row) })), el("td", { class: "num", text: show(truth) })));
     }
     table.append(body);
     $("summary").replaceChildren(table);
