@@ -287,11 +287,38 @@ def build_records_from_files(prediction_files: Mapping[str, str | os.PathLike[st
     predictions = {label: evaluate.read_predictions(path, skip_bad_lines=skip_bad_lines)[0]
                    for label, path in prediction_files.items()}
     records = build_records(predictions, load_ground_truth(captions_csv, annotations_csv), split)
+    check_images(records, image_root, captions_csv)
+    return records
+
+
+def check_images(records: Iterable[Mapping[str, Any]], image_root: str | os.PathLike[str],
+                 captions_csv: str | os.PathLike[str] = "the captions CSV") -> None:
+    """Raise :class:`~bvip_helpers.io.ImagePathError` naming the first image of ``records`` missing under ``image_root``."""
     for path in dict.fromkeys(r["image_path"] for r in records):
         if not safe_image_path(image_root, path).is_file():
             raise ImagePathError(f"image not found: {path} under {image_root} (named in {captions_csv}); "
                                  "pass the folder the captions CSV's image paths are relative to as the image root")
-    return records
+
+
+def filter_records(records: Iterable[Mapping[str, Any]], *, models: Iterable[str] = (), types: Iterable[str] = (),
+                   classes: Iterable[str] = ()) -> list[Mapping[str, Any]]:
+    """The records of ``models`` with an error of one of ``types`` about one of ``classes`` (empty: any), worst first.
+
+    The report's facets filter the same way: values of one facet are alternatives, facets combine.
+    """
+    models, types, classes = set(models), set(types), set(classes)
+    order: dict[str, int] = {}
+    kept = []
+    for record in records:
+        order.setdefault(record["model"], len(order))
+        if models and record["model"] not in models:
+            continue
+        if types and not any(e["type"] in types for e in record["errors"]):
+            continue
+        if classes and not any(e["object"] in classes for e in record["errors"]):
+            continue
+        kept.append(record)
+    return sorted(kept, key=lambda r: (-r["severity"], r["image"], order[r["model"]]))
 
 
 # --- tables and files -----------------------------------------------------------
@@ -305,6 +332,15 @@ def errors_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             for r in records for e in r["errors"]]
     columns = ["model", "image", "type", "severity", "object", "field", "sidewalk", "close_classes", "crowding"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def records_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per record: model, image, severity, error count, the scene's fields and crowding, spoken order."""
+    return pd.DataFrame([{"model": r["model"], "image": r["image"], "severity": r["severity"], "errors": r["n_errors"],
+                          **{key: r["truth"]["fields"][key] for key in schema.FIELD_LABELS},
+                          "close_classes": r["close_classes"], "crowding": r["crowding"],
+                          "words_to_first": r["spoken"]["words_to_first"], "words_to_last": r["spoken"]["words_to_last"]}
+                         for r in records])
 
 
 def _mean(values: Iterable[float | None]) -> float | None:

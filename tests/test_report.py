@@ -131,3 +131,56 @@ def test_cli_errors_are_one_line(tmp_path, sample_files, monkeypatch, capsys, ch
     assert err.startswith("bvip report: error: ") and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
     assert not (tmp_path / "out" / "index.html").exists()
+
+
+# --- notebook 06, headless --------------------------------------------------------------
+
+
+def _run_notebook_06(root, monkeypatch, tmp_path):
+    """Notebook 06 in smoke mode through papermill, with ``root`` as the repository root (``BVIP_ROOT``)."""
+    papermill = pytest.importorskip("papermill")
+    from bvip_helpers.io import repo_root
+
+    notebook = repo_root() / "notebooks" / "06_error_gallery.ipynb"
+    (root / "data").symlink_to(repo_root() / "data", target_is_directory=True)
+    figures = tmp_path / "figures"
+    for name, value in {"BVIP_SMOKE": "1", "BVIP_ROOT": str(root), "BVIP_FIGURES_DIR": str(figures)}.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "06_out.ipynb"
+    papermill.execute_notebook(str(notebook), str(out), cwd=str(notebook.parent), kernel_name="python3",
+                               progress_bar=False)
+    executed = json.loads(out.read_text())
+    text = "".join("".join(o.get("text", "")) for c in executed["cells"] for o in c.get("outputs", []))
+    return executed, text, figures
+
+
+@pytest.mark.slow
+def test_notebook_06_smoke_run_writes_the_figures_and_the_report(tmp_path, monkeypatch, sample_dir):
+    root = tmp_path / "root"
+    test_rows = pd.read_csv(sample_dir / "complete_captions_sensation.csv").query("split == 'test'")
+    runs = root / "runs" / "smoke" / "tiny-qwen2-vl-base"
+    for folder, text in (("zero_shot", "The sidewalk is ahead."),
+                         ("sft/eval", "Sidewalk: left. Road: right. RoadVsSidewalk: right_of.\nNearby: a person close "
+                                      "on the left.")):
+        (runs / folder).mkdir(parents=True)
+        _write_predictions(runs / folder / "preds_test.jsonl", test_rows["image_path"], lambda i, p, t=text: t)
+    executed, text, figures = _run_notebook_06(root, monkeypatch, tmp_path)
+    assert "skipped zero-shot + constrained" in text  # its file is absent: a note, not an error
+    assert {p.name for p in figures.glob("06_*.png")} == {"06_errors_by_type.png", "06_failing_images.png",
+                                                         "06_errors_by_scene.png", "06_spoken_order.png"}
+    gallery = root / "runs" / "smoke" / "error_gallery"
+    assert _page_data((gallery / "index.html").read_text())["models"] == ["zero-shot", "SFT"]
+    assert len((gallery / "errors.jsonl").read_text().splitlines()) == 2 * len(test_rows)
+    widgets = json.dumps(executed["metadata"].get("widgets", {}))
+    assert len(widgets) < 100_000, f"the widget state stored in the notebook is {len(widgets)} bytes"
+
+
+@pytest.mark.slow
+def test_notebook_06_without_predictions_shows_stand_ins(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    root.mkdir()
+    _, text, figures = _run_notebook_06(root, monkeypatch, tmp_path)
+    assert "No prediction file found: run notebook 05 first" in text
+    page = root / "runs" / "smoke" / "error_gallery" / "index.html"
+    assert _page_data(page.read_text())["models"] == ["original caption", "majority class"]
+    assert (figures / "06_spoken_order.png").is_file()

@@ -350,6 +350,11 @@
     return rows;
   }
 
+  function truthLine(truth) {
+    return "Truth: " + Object.entries(DATA.fields).map(([key, label]) => label + " " + truth.fields[key]).join(", ")
+      + "; close: " + objects(truth.near) + "; far: " + objects(truth.far);
+  }
+
   function renderSideBySide() {
     const rows = sbsRows();
     const [start, end] = pager(rows.length, "images");
@@ -357,12 +362,13 @@
       ? ": " + DATA.models[state.a] + " worse than " + DATA.models[state.b] + ", largest difference first" : "");
     const head = el("tr", {}, el("th", { scope: "col", text: "image and truth" }),
       ...DATA.models.map((m) => el("th", { scope: "col", text: m })));
-    if (state.awrong) head.append(el("th", { scope: "col", text: "severity A − B" }));
+    if (state.awrong) head.append(el("th", { scope: "col", text: "severity " + DATA.models[state.a] + " − " + DATA.models[state.b] }));
     const body = el("tbody");
     for (const row of rows.slice(start, end)) {
       const tr = el("tr", { tabindex: "0", "data-image": row.image.name },
         el("td", { class: "image" }, el("img", { src: row.image.thumb, alt: "Ground truth: " + row.image.truth.caption, loading: "lazy" }),
-          el("div", { text: row.image.name }), row.image.disagree ? el("div", { text: "models disagree" }) : null,
+          el("div", { text: row.image.name }), el("div", { class: "truth", text: truthLine(row.image.truth) }),
+          row.image.disagree ? el("div", { text: "models disagree" }) : null,
           ...row.image.suspect.map((reason) => el("div", { class: "suspect", text: "Possible label error: " + reason }))));
       DATA.models.forEach((m, mi) => {
         const record = byImage[row.i][mi];
