@@ -17,7 +17,9 @@ demo: venv
 demo-base: venv
 	$(BIN)/bvip demo base
 
+# scripts/setup_browser.sh installs Debian's chromium for the browser test of `bvip report` (or says why not).
 test: venv lint
+	@bash scripts/setup_browser.sh
 	$(BIN)/python -m pytest tests notebooks --nbmake --nbmake-timeout=600 -q
 
 lint: venv

@@ -11,6 +11,8 @@
 - :mod:`bvip_helpers.predict`         batched, resumable, optionally constrained generation
 - :mod:`bvip_helpers.constrained`     schema-constrained decoding of the mandatory fields
 - :mod:`bvip_helpers.runs`            what each evaluation run captions and where its files go
+- :mod:`bvip_helpers.errors`          per-sample error records ranked by danger, spoken order
+- :mod:`bvip_helpers.report`          ``bvip report``: the error gallery as one self-contained HTML file
 - :mod:`bvip_helpers.plots`           comparison figures; :mod:`bvip_helpers.explore` data figures
 - :mod:`bvip_helpers.batch`           papermill runs per model and the leaderboard
 - :mod:`bvip_helpers.exporters`       datasets for models that train in their own repositories

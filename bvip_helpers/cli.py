@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("predict", "batched, resumable caption generation"),
     "pairs": ("pairs", "preference pairs for DPO: seed, controlled single-error negatives, model-ranked"),
     "dpo": ("dpo", "preference tuning (DPO, MPO) from the SFT adapter"),
+    "report": ("report", "the error gallery: one self-contained HTML report of where each model fails"),
     # the CPU demo's machinery (bvip_helpers.demo)
     "synth": ("demo.synth", "draw synthetic street scenes and write SENSATION-style CSVs"),
     "tiny-model": ("demo.twins", "build a tiny offline twin of a model family"),

@@ -59,7 +59,8 @@ import argparse
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,7 @@ def legacy_gt_present(ground_truth: pd.DataFrame, column: str) -> np.ndarray:
     return (cells.notna() & ~cleaned.isin(LEGACY_EMPTY_CELLS)).to_numpy(bool)
 
 
-def _cell_positions(ground_truth: pd.DataFrame, column: str) -> list[tuple[str, ...]]:
+def cell_positions(ground_truth: pd.DataFrame, column: str) -> list[tuple[str, ...]]:
     """Positions per row from a raw object cell; parsed once per distinct value."""
     if column not in ground_truth:
         return [()] * len(ground_truth)
@@ -178,8 +179,8 @@ def predictions_frame(predictions: Iterable[Mapping[str, Any]] | pd.DataFrame) -
     return pd.DataFrame({"image": basename(frame["image"]), "text": text.fillna("").astype(str)}, index=frame.index)
 
 
-def _match(preds: pd.DataFrame, images: pd.Series) -> tuple[pd.Series, dict[str, int]]:
-    """Texts aligned with ``images`` ('' where missing) and the input counts."""
+def match_predictions(preds: pd.DataFrame, images: pd.Series) -> tuple[pd.Series, dict[str, int]]:
+    """Texts aligned with ``images`` ('' where missing; the last line of an image wins) and the input counts."""
     duplicates = int(preds["image"].duplicated(keep="last").sum())
     latest = preds.drop_duplicates("image", keep="last").set_index("image")["text"]
     matched = images.map(latest)
@@ -191,6 +192,72 @@ def _match(preds: pd.DataFrame, images: pd.Series) -> tuple[pd.Series, dict[str,
         "prediction_records": int(len(preds)),
     }
     return matched.fillna("").astype(str), inputs
+
+
+def split_rows(ground_truth: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The ground-truth rows of ``split`` (index reset, ``image`` basenames added); ``ValueError`` when none."""
+    if "image" not in ground_truth:
+        ground_truth = ground_truth.assign(image=basename(ground_truth["image_path"]))
+    rows = ground_truth[ground_truth["split"] == split] if "split" in ground_truth else ground_truth
+    if rows.empty:
+        found = sorted(ground_truth["split"].dropna().unique()) if "split" in ground_truth else []
+        raise ValueError(f"no ground-truth rows for split {split!r}; splits present: {found}")
+    return rows.reset_index(drop=True)
+
+
+def parse_texts(texts: pd.Series) -> list[schema.ParsedCaption]:
+    """:func:`schema.parse_caption` of every text, parsed once per distinct text."""
+    cache = {text: schema.parse_caption(text) for text in texts.unique()}
+    return [cache[text] for text in texts]
+
+
+def crowding_group(close_classes: int) -> str | None:
+    """The ``near_recall_by_crowding`` group of a scene with that many close classes (``None`` for none)."""
+    return CROWDING_GROUPS[min(close_classes, len(CROWDING_GROUPS)) - 1] if close_classes else None
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectPair:
+    """One (image, object class) pair of a section: what the ground truth has and what the caption says."""
+
+    name: str
+    truth: tuple[str, ...]  # positions in the ground truth; () when it lacks the class
+    said: tuple[str, ...]  # positions the caption gives; () when it does not name the class
+
+    @property
+    def found(self) -> bool:
+        return bool(self.truth) and bool(self.said)
+
+    @property
+    def missed(self) -> bool:
+        return bool(self.truth) and not self.said
+
+    @property
+    def invented(self) -> bool:
+        return bool(self.said) and not self.truth
+
+    @property
+    def same_count(self) -> bool:
+        return self.found and len(self.truth) == len(self.said)
+
+    @property
+    def same_positions(self) -> bool:
+        return self.found and Counter(self.truth) == Counter(self.said)
+
+
+def compare_objects(truth: Mapping[str, Sequence[str]], said: Mapping[str, Sequence[str]]) -> list[ObjectPair]:
+    """Every class the ground truth or the caption has, in caption order. "0 cars" names no car.
+
+    The evaluator counts its near and far figures from these pairs, and :mod:`bvip_helpers.errors` types each
+    one, so the error records add up to the evaluator's figures.
+    """
+    return [ObjectPair(o.name, tuple(truth.get(o.name) or ()), tuple(said.get(o.name) or ()))
+            for o in schema.OBJECT_CLASSES if truth.get(o.name) or said.get(o.name)]
+
+
+def truth_objects(columns: Mapping[str, Sequence[tuple[str, ...]]], row: int) -> dict[str, tuple[str, ...]]:
+    """Row ``row`` of the :func:`cell_positions` lists of each class: the classes it has, with their positions."""
+    return {name: positions[row] for name, positions in columns.items() if positions[row]}
 
 
 # --- metric groups -----------------------------------------------------------
@@ -246,10 +313,9 @@ def confusion(gt: pd.Series, pred: pd.Series, enum: tuple[str, ...]) -> tuple[di
 
 def structured_metrics(texts: pd.Series, ground_truth: pd.DataFrame, fields: pd.DataFrame) -> dict[str, Any]:
     """Metrics from :func:`schema.parse_caption` (see the module docstring for definitions)."""
-    cache = {text: schema.parse_caption(text) for text in texts.unique()}
-    parsed = [cache[text] for text in texts]
-    gt_near = {o.name: _cell_positions(ground_truth, o.near_column) for o in schema.OBJECT_CLASSES}
-    gt_far = {o.name: _cell_positions(ground_truth, o.far_column) for o in schema.OBJECT_CLASSES}
+    parsed = parse_texts(texts)
+    gt_near = {o.name: cell_positions(ground_truth, o.near_column) for o in schema.OBJECT_CLASSES}
+    gt_far = {o.name: cell_positions(ground_truth, o.far_column) for o in schema.OBJECT_CLASSES}
     near = _object_metrics(gt_near, [p.near for p in parsed])
     far = _object_metrics(gt_far, [p.far for p in parsed])
 
@@ -258,21 +324,20 @@ def structured_metrics(texts: pd.Series, ground_truth: pd.DataFrame, fields: pd.
     critical = {o.name for o in schema.OBJECT_CLASSES if o.critical}
     crowding = {group: {"pairs": 0, "found": 0} for group in CROWDING_GROUPS}
     for row, caption in enumerate(parsed):
-        truth = {name: positions[row] for name, positions in gt_near.items() if positions[row]}
-        said = {name: where for name, where in caption.near.items() if where}  # "0 cars" names no car
-        hallucinated_images += any(name not in truth for name in said)
-        if truth:
-            group = crowding[CROWDING_GROUPS[min(len(truth), len(CROWDING_GROUPS)) - 1]]
-            group["pairs"] += len(truth)
-            group["found"] += sum(name in said for name in truth)
-        for name, positions in truth.items():
-            if name in critical:
+        pairs = compare_objects(truth_objects(gt_near, row), caption.near)
+        hallucinated_images += any(pair.invented for pair in pairs)
+        close = [pair for pair in pairs if pair.truth]
+        if close:
+            group = crowding[crowding_group(len(close))]
+            group["pairs"] += len(close)
+            group["found"] += sum(pair.found for pair in close)
+        for pair in close:
+            if pair.name in critical:
                 critical_gt += 1
-                critical_missed += name not in said
-            if name in said:
-                matched += 1
-                same_count += len(positions) == len(said[name])
-                same_positions += Counter(positions) == Counter(said[name])
+                critical_missed += pair.missed
+            matched += pair.found
+            same_count += pair.same_count
+            same_positions += pair.same_positions
 
     order_ok = sum(p.section_order in ALLOWED_SECTION_ORDERS for p in parsed)
     complete = fields.notna().all(axis=1)
@@ -313,7 +378,7 @@ def baselines(ground_truth: pd.DataFrame, split_rows: pd.DataFrame, split: str) 
     seed = seed_metrics(targets, split_rows)
     cache = {text: schema.parse_caption("Nearby: " + text).near for text in targets.unique()}
     as_nearby = [cache[text] for text in targets]
-    near = _object_metrics({o.name: _cell_positions(split_rows, o.near_column) for o in schema.OBJECT_CLASSES},
+    near = _object_metrics({o.name: cell_positions(split_rows, o.near_column) for o in schema.OBJECT_CLASSES},
                            as_nearby)
     legacy_tp = sum(v["tp"] for v in seed["legacy_objects"].values())
     legacy_fn = sum(v["fn"] for v in seed["legacy_objects"].values())
@@ -340,14 +405,8 @@ def evaluate_predictions(predictions: Iterable[Mapping[str, Any]] | pd.DataFrame
     ``predictions``: records or a frame with ``image`` and ``text`` or ``response``.
     ``structured=False`` computes the seed-compatible figures only (fast path for benchmarks).
     """
-    if "image" not in ground_truth:
-        ground_truth = ground_truth.assign(image=basename(ground_truth["image_path"]))
-    rows = ground_truth[ground_truth["split"] == split] if "split" in ground_truth else ground_truth
-    if rows.empty:
-        found = sorted(ground_truth["split"].dropna().unique()) if "split" in ground_truth else []
-        raise ValueError(f"no ground-truth rows for split {split!r}; splits present: {found}")
-    rows = rows.reset_index(drop=True)
-    texts, inputs = _match(predictions_frame(predictions), rows["image"])
+    rows = split_rows(ground_truth, split)
+    texts, inputs = match_predictions(predictions_frame(predictions), rows["image"])
     seed = seed_metrics(texts, rows)
     report: dict[str, Any] = {
         "n": len(rows), "split": split, "pred_file": pred_file,

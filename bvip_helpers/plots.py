@@ -1,9 +1,9 @@
-"""Comparison figures for notebooks 03 and 05: models side by side, baselines as reference lines.
+"""Comparison figures for notebooks 03, 05 and 06: models side by side, baselines as reference lines.
 
 Every function takes evaluator reports (:func:`bvip_helpers.evaluate.evaluate_predictions`)
-keyed by a display name and returns a matplotlib figure; the notebook saves them with
-:func:`bvip_helpers.io.save_fig`. Missing values (a class absent from the split) are drawn
-as gaps, never as zeros.
+keyed by a display name, or (notebook 06) the error records of :mod:`bvip_helpers.errors`, and
+returns a matplotlib figure; the notebook saves them with :func:`bvip_helpers.io.save_fig`.
+Missing values (a class absent from the split) are drawn as gaps, never as zeros.
 """
 
 from __future__ import annotations
@@ -232,5 +232,92 @@ def plot_caption_metrics(scores: Mapping[str, Mapping[str, Any]], reference: str
     series = {n: [_num(scores[n].get(reference, {}).get(k)) for k in keys] for n in names}
     _bars(ax, keys, series)
     ax.set_title(f"caption metrics {reference.replace('_', ' ')} (CIDEr is on a 0-10 scale)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+# --- error records (notebook 06) -----------------------------------------------------
+
+
+def plot_errors_by_type(errors_frame: pd.DataFrame, types: Sequence[str], models: Sequence[str]) -> Any:
+    """Errors of each type (most dangerous on top), one bar per model: ``errors_frame`` is :func:`errors.errors_frame`."""
+    import matplotlib.pyplot as plt
+
+    counts = errors_frame.groupby(["type", "model"]).size()
+    shown = [t for t in types if t in counts.index.get_level_values(0)] or list(types)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(shown) * max(1, len(models)) ** 0.5 + 1.5))
+    y = np.arange(len(shown))
+    height = 0.8 / max(len(models), 1)
+    for i, model in enumerate(models):
+        values = [int(counts.get((t, model), 0)) for t in shown]
+        ax.barh(y - 0.4 + height * (i + 0.5), values, height, label=model)
+    ax.set_yticks(y, [t.replace("_", " ") for t in shown])
+    ax.invert_yaxis()
+    ax.set_xlabel("errors (image, object or field)")
+    ax.set_title("errors by type, most dangerous first")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def plot_failing_images(records_frame: pd.DataFrame, top: int = 12) -> Any:
+    """The ``top`` images with the highest severity summed over the models, one stacked segment per model."""
+    import matplotlib.pyplot as plt
+
+    table = records_frame.pivot_table(index="image", columns="model", values="severity", aggfunc="sum", fill_value=0)
+    table = table[[m for m in dict.fromkeys(records_frame["model"]) if m in table]]
+    table = table.loc[table.sum(axis=1).sort_values(ascending=False).index[:top]]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(table) + 1.5))
+    left = np.zeros(len(table))
+    for model in table.columns:
+        ax.barh(np.arange(len(table)), table[model], left=left, label=model)
+        left += table[model].to_numpy()
+    ax.set_yticks(np.arange(len(table)), table.index)
+    ax.invert_yaxis()
+    ax.set_xlabel("severity summed over the models")
+    ax.set_title(f"the {len(table)} images that fail worst")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def plot_errors_by_scene(records_frame: pd.DataFrame) -> Any:
+    """Mean severity per image by the scene's Sidewalk position and by its number of close classes, per model."""
+    import matplotlib.pyplot as plt
+
+    from bvip_helpers.evaluate import CROWDING_GROUPS
+
+    models = list(dict.fromkeys(records_frame["model"]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    for ax, column, groups, title in (
+            (axes[0], "sidewalk_pos", list(schema.FIELD_ENUMS["sidewalk_pos"]), "by Sidewalk position (truth)"),
+            (axes[1], "crowding", ["0", *CROWDING_GROUPS], "by close classes in the scene")):
+        means = records_frame.groupby([column, "model"])["severity"].mean()
+        sizes = records_frame.groupby(column)["image"].nunique()
+        shown = [g for g in groups if g in sizes.index]
+        series = {m: [_num(means.get((g, m))) for g in shown] for m in models}
+        _bars(ax, [f"{g}\n({int(sizes[g])} image{'s' if sizes[g] != 1 else ''})" for g in shown], series)
+        ax.set_title(title)
+    axes[0].set_ylabel("mean severity per image")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def plot_spoken_order(table: pd.DataFrame) -> Any:
+    """Words before the first and the last close hazard per model (:func:`errors.spoken_order_table`), seconds on
+    the right axis; the ground-truth priority caption is the reference bar."""
+    import matplotlib.pyplot as plt
+
+    from bvip_helpers.errors import WORDS_PER_MINUTE
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(table) + 3), 4))
+    series = {"first close hazard": [_num(v) for v in table["words to first hazard"]],
+              "last close hazard": [_num(v) for v in table["words to last hazard"]]}
+    labels = [f"{m}\n(none heard in {n} of {s})" for m, n, s in
+              zip(table["model"], table["no hazard heard"], table["scenes with hazards"], strict=True)]
+    _bars(ax, [label.replace(" (truth)", "\n(truth)") for label in labels], series)
+    ax.set_ylabel("words before the hazard")
+    seconds = ax.secondary_yaxis("right", functions=(lambda w: w * 60 / WORDS_PER_MINUTE,
+                                                     lambda s: s * WORDS_PER_MINUTE / 60))
+    seconds.set_ylabel(f"seconds at {WORDS_PER_MINUTE} words a minute")
+    ax.set_title("spoken order: how long until the pedestrian hears the hazard (lower is better)")
     ax.legend(fontsize=8)
     return fig

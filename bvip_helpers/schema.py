@@ -223,24 +223,47 @@ class ParsedCaption:
     near: dict[str, list[str]]  # object name -> positions (position may be "unknown")
     far: dict[str, list[str]]
     section_order: list[str]  # e.g. ["fields", "nearby", "far", "context"]
+    #: where each entry of ``sections`` starts in the parsed text (a character offset), so a reader can say
+    #: how much of the caption comes before a mention (:mod:`bvip_helpers.errors`, spoken order)
+    section_starts: dict[str, int] = field(default_factory=dict)
 
 
-def _parse_objects(text: str) -> dict[str, list[str]]:
-    """Objects and positions in a Nearby/Far section; each mention owns the words up to the next one."""
-    found: dict[str, list[str]] = {}
+@dataclass(frozen=True)
+class ObjectMention:
+    """One object mention of a Nearby/Far section: ``2 cars close on the left`` -> car, (left, left)."""
+
+    name: str  # the object class
+    positions: tuple[str, ...]  # one per object, in the order written ("unknown" where none is given)
+    start: int  # character offset of the mention (its count word included) in the section text
+
+
+def object_mentions(text: str) -> list[ObjectMention]:
+    """The object mentions of a Nearby/Far section, in reading order; each owns the words up to the next one.
+
+    ``no cars`` and ``0 cars`` are not mentions.
+    """
+    found: list[ObjectMention] = []
     mentions = list(_OBJECT_MENTION.finditer(text))
     for i, mention in enumerate(mentions):
         name = _NOUN_TO_CLASS[mention.group("noun").lower()]
         raw = (mention.group("count") or "a").lower()
         count = min(int(raw), MAX_OBJECTS_PER_CLASS) if raw.isdigit() else _COUNT_WORDS[raw]
-        if count == 0:  # "no cars", "0 cars": not a mention
+        if count == 0:
             continue
         rest = text[mention.end(): mentions[i + 1].start() if i + 1 < len(mentions) else len(text)]
         rest = re.split(r"[;.]", rest, maxsplit=1)[0]
         positions = [_SYNONYMS.get(p.lower(), p.lower()) for p in _POSITION_WORD.findall(rest)]
         if len(positions) < count:  # "2 cars close on the left" -> both on the left
             positions += [positions[-1] if positions else UNKNOWN] * (count - len(positions))
-        found.setdefault(name, []).extend(positions[: max(count, 1)])
+        found.append(ObjectMention(name, tuple(positions[: max(count, 1)]), mention.start()))
+    return found
+
+
+def _parse_objects(text: str) -> dict[str, list[str]]:
+    """Objects and positions in a Nearby/Far section: the mentions of each class, positions sorted."""
+    found: dict[str, list[str]] = {}
+    for mention in object_mentions(text):
+        found.setdefault(mention.name, []).extend(mention.positions)
     for positions in found.values():
         positions.sort(key=lambda p: OBJECT_POSITIONS.index(p) if p in OBJECT_POSITIONS else 3)
     return found
@@ -257,6 +280,7 @@ def parse_caption(text: object) -> ParsedCaption:
         if match:
             first_field_at = min(first_field_at, match.start())
     sections: dict[str, str] = {}
+    starts: dict[str, int] = {}
     order: list[str] = ["fields"] if any(fields.values()) else []
     headers = list(_SECTION.finditer(text))
     for i, header in enumerate(headers):
@@ -265,7 +289,9 @@ def parse_caption(text: object) -> ParsedCaption:
         if name == "context":
             end = len(text)
         if name not in sections:
-            sections[name] = text[header.end():end].strip()
+            raw = text[header.end():end]
+            sections[name] = raw.strip()
+            starts[name] = header.end() + len(raw) - len(raw.lstrip())
             order.append(name)
         if name == "context":
             break
@@ -278,6 +304,7 @@ def parse_caption(text: object) -> ParsedCaption:
         near=_parse_objects(sections.get("nearby", "")),
         far=_parse_objects(sections.get("far", "")),
         section_order=order,
+        section_starts=starts,
     )
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CPU demo on the embedded defaults: synthetic scenes -> dataset -> SFT from the committed base -> evaluation.
+# The CPU demo on the embedded defaults: synthetic scenes -> dataset -> SFT from the committed base -> evaluation
+# -> error gallery.
 # Executed notebooks land in runs/demo/, figures in figures/, the leaderboard in runs/leaderboard.md.
 # The notebooks' own defaults suit a real checkpoint; the demo's parameters come from bvip_helpers/demo/settings.py
 # (`bvip demo params <notebook>`), and each executed notebook shows them in its injected-parameters cell.
@@ -34,7 +35,9 @@ bvip demo copy-paste --data_dir data/bvpi_out --image_root data/synthetic
 notebook 03_sft
 notebook 04_dpo
 notebook 05_eval
+notebook 06_error_gallery
 
 step "done in $(( $(date +%s) - start ))s"
 echo "figures:      $(ls figures/*.png 2>/dev/null | wc -l) PNGs in figures/"
+if [[ -f runs/error_gallery/index.html ]]; then echo "error gallery: runs/error_gallery/index.html (open it in a browser)"; fi
 if [[ -f runs/leaderboard.md ]]; then echo "leaderboard:  runs/leaderboard.md"; cat runs/leaderboard.md; fi

@@ -51,13 +51,15 @@ def copy_paste_train_file() -> str:
 
 
 def notebook_params(notebook: str) -> dict[str, Any]:
-    """The papermill parameters ``make demo`` gives ``notebook`` (``03_sft``, ``05_eval``; others get none).
+    """The papermill parameters ``make demo`` gives ``notebook`` (``03_sft``, ``05_eval``, ``06_error_gallery``;
+    others get none).
 
     SFT: lr 4e-3 and rank 64 where a real checkpoint wants about 2e-4 and 16. A random-init twin has learned
     far less than a real model, so it must move further in 1,000 steps; the output layer (``lm_head``) is
     trained in full beside LoRA because caption pre-training never taught its rows for the words only the
     BVIP format uses (``Nearby``, ``nothing``, ``RoadVsSidewalk``). Evaluation: the base and its adapter,
-    400 training images captioned again (under- or overfitting?).
+    400 training images captioned again (under- or overfitting?). Error gallery: the zero-shot and SFT test
+    predictions of notebook 05.
     """
     key = notebook.removesuffix(".ipynb")
     if key == "03_sft":
@@ -70,4 +72,8 @@ def notebook_params(notebook: str) -> dict[str, Any]:
     if key == "05_eval":
         return {"MODELS": [TINY_BASE], "ADAPTERS": [f"runs/{TINY_BASE}/sft", f"runs/{TINY_BASE}/dpo"],
                 "FIT_SAMPLE": 400}
+    if key == "06_error_gallery":  # the predictions notebook 05 just wrote
+        return {"PREDICTION_FILES": {"zero-shot": f"runs/{TINY_BASE}/zero_shot/preds_test.jsonl",
+                                     "SFT": f"runs/{TINY_BASE}/sft/eval/preds_test.jsonl",
+                                     "DPO": f"runs/{TINY_BASE}/dpo/eval/preds_test.jsonl"}}
     return {}

@@ -24,7 +24,7 @@ def _parameters(notebook: str) -> dict:
             for node in ast.parse(nb.cells[1].source).body if isinstance(node, ast.Assign)}
 
 
-@pytest.mark.parametrize("notebook", ["03_sft", "04_dpo", "05_eval"])
+@pytest.mark.parametrize("notebook", ["03_sft", "04_dpo", "05_eval", "06_error_gallery"])
 def test_demo_parameters_are_parameters_of_the_notebook(notebook):
     demo, defaults = settings.notebook_params(notebook), _parameters(notebook)
     assert demo, "the demo passes this notebook its own settings"
@@ -38,7 +38,19 @@ def test_the_demo_trains_the_twin_with_its_own_settings():
     assert demo["model"] == "tiny-qwen2-vl-base" and demo["lr"] == 4e-3 and demo["lora_r"] == 64
     assert demo["max_steps"] == 1000 and demo["lora_modules_to_save"] == "lm_head"
     assert demo["train_file"].endswith("bvpi_chat_train_copy_paste.jsonl")
-    assert settings.notebook_params("05_eval")["ADAPTERS"] == [f"runs/{demo['model']}/sft"]
+    dpo = settings.notebook_params("04_dpo")
+    assert dpo["sft_adapter"] == f"runs/{demo['model']}/sft" and dpo["model"] == demo["model"]
+    assert settings.notebook_params("05_eval")["ADAPTERS"] == [f"runs/{demo['model']}/sft", f"runs/{demo['model']}/dpo"]
+
+
+def test_the_gallery_reads_the_predictions_notebook_05_writes():
+    from bvip_helpers import runs
+
+    evaluation = settings.notebook_params("05_eval")
+    variants = runs.eval_variants(evaluation["MODELS"], evaluation["ADAPTERS"], also_constrained=False)
+    written = {f"runs/{runs.run_dir(v, 'runs').relative_to(REPO / 'runs').as_posix()}/preds_test.jsonl" for v in variants}
+    assert set(settings.notebook_params("06_error_gallery")["PREDICTION_FILES"].values()) == written
+    assert "notebook 06_error_gallery" in (REPO / "scripts" / "demo.sh").read_text()
 
 
 def test_demo_params_cli_writes_yaml_papermill_reads(tmp_path):
