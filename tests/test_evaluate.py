@@ -75,8 +75,9 @@ def test_builder_responses_score_perfectly(gt):
     assert s["critical_misses"] == 0 and s["critical_miss_rate"] == 0.0
     assert s["section_order_ok"] == s["relation_consistency"] == 1.0
     assert s["macro_f1"] == {k: 1.0 for k in ev.FIELDS}
-    assert report["inputs"] == {"missing_predictions": 0, "outside_split": 0, "duplicates": 0, "bad_lines": 0,
-                                "prediction_records": 4}
+    assert report["inputs"] == {"missing_predictions": 0, "matched_predictions": 4, "outside_split": 0,
+                                "duplicates": 0, "bad_lines": 0, "prediction_records": 4, "non_string_texts": 0,
+                                "normalised_texts": 0}
     json.dumps(report)  # serialisable as is
 
 
