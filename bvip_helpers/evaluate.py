@@ -195,9 +195,12 @@ def predictions_frame(predictions: Iterable[Mapping[str, Any]] | pd.DataFrame) -
     is_string = chosen.map(lambda v: isinstance(v, str))
     raw = chosen.where(is_string, "")
     normalised = raw.map(schema.normalize_text)
+    flags = {"non_string": given & ~is_string, "normalised": normalised != raw}
+    for name in flags:  # a frame this function made before keeps what it counted then
+        if name in frame:
+            flags[name] = flags[name] | frame[name].astype(bool)
     return pd.DataFrame({"image": basename(frame["image"]), "text": normalised.astype(str),
-                         "non_string": (given & ~is_string).to_numpy(bool), "normalised": (normalised != raw).to_numpy(bool)},
-                        index=frame.index)
+                         **{name: flag.to_numpy(bool) for name, flag in flags.items()}}, index=frame.index)
 
 
 #: marks a key that a prediction record does not have (an explicit null is a caption that is not a string)
