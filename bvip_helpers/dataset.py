@@ -784,7 +784,9 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--captions_csv", type=resolve_cli_path, required=True, help="CSV with image_path, target, split")
     parser.add_argument("--annotations_csv", type=resolve_cli_path, required=True,
-                        help="CSV with image, sidewalk_pos, road_pos and the object position columns")
+                        help="CSV with image, sidewalk_pos, road_pos and the object position columns; an object whose "
+                             "position word is unknown (Leftish) stays in the caption with 'side unknown' and is "
+                             "counted. Both CSVs must be UTF-8")
     parser.add_argument("--out_dir", type=resolve_cli_path, required=True, help="folder for the JSONL/CSV outputs and build_report.json")
     parser.add_argument("--prompt", default=schema.DEFAULT_PROMPT, help="instruction stored in every record")
     parser.add_argument("--require_all_splits", action="store_true", help="fail unless train, val and test all exist")
