@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                            lora_target_modules=args.lora_target_modules,
                            lora_modules_to_save=args.lora_modules_to_save, num_workers=args.num_workers, max_steps=args.sft_steps,
                            lr=args.lr, batch_size=args.batch_size, seed=settings.SEED, logging_steps=20,
-                           lr_scheduler="cosine", warmup=0.05, eval=True, eval_limit=32)
+                           lr_scheduler="cosine", warmup=0.05, eval=True, eval_limit=32,
+                           overwrite=True)  # each benchmark run trains again
     result = sft.train_sft(params)
     model, processor, spec = sft.load_trained(str(base), adapter=out)
     _, tuned = sft.predict_and_evaluate(model, processor, spec, test, image_root, "test", truth,

@@ -41,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
             module.configure_cli(p)
             p.set_defaults(_run=module.run_cli)
     args = parser.parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except OSError as err:  # a full disk or an unwritable folder a stage did not foresee: one line, not a traceback
+        print(f"bvip {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

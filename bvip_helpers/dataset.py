@@ -14,6 +14,12 @@ Rules (all wording and normalisation come from :mod:`bvip_helpers.schema`):
 
 - Captions are matched to annotations by image basename. The caption file's order and split are
   kept; every caption row becomes exactly one SFT row (unless ``allow_missing_images`` excluded it).
+  Two caption rows naming one file name in different folders (``training/images/1.jpg`` and
+  ``testing/images/1.jpg``) are an error naming both lines: the annotations could not tell them apart.
+- The two CSVs must be UTF-8 text; anything else (Latin-1, random bytes) is an error naming the line.
+- A close or far object whose position word is unknown (``Leftish``) stays in the caption with its side
+  unknown (``a person close, side unknown``, see :func:`schema.object_phrase`) and is counted in
+  ``objects_with_unknown_side``. A mandatory column that is empty in every annotation row is warned about.
 - Among duplicate annotations of one image the first (in file order) is kept; identical and
   conflicting duplicates are counted separately, conflicting ones raise a warning.
 - Annotation rows with the wrong number of fields, or shifted one column to the left (the image name
@@ -46,7 +52,15 @@ import numpy as np
 import pandas as pd
 
 from . import schema
-from .io import ImagePathError, atomic_path, check_image, safe_image_path, write_json
+from .io import (
+    ImagePathError,
+    atomic_path,
+    check_image,
+    check_image_root,
+    not_utf8_message,
+    safe_image_path,
+    write_json,
+)
 
 SPLITS = ("train", "val", "test")
 DPO_SPLITS = ("train", "val")
@@ -84,6 +98,8 @@ class BuildReport:
     dpo_skipped: dict[str, dict[str, int]] = field(default_factory=dict)
     #: column -> {"count": rows with a value outside the enum, "examples": {value: count}}
     unknown_values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: object column -> objects kept in the captions with their side unknown (an unknown position word)
+    objects_with_unknown_side: dict[str, int] = field(default_factory=dict)
     #: field -> value -> rows, after normalisation (captions without annotation included)
     field_value_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     #: {"identical": extra rows equal to the kept one, "conflicting": extra rows that differ, "examples": [...]}
@@ -142,12 +158,15 @@ class BuildReport:
         lines.append(f"shifted annotation rows (not used): {len(self.shifted_rows)}")
         lines += [f"  {r['file']} line {r['line']} (image cell {r['image']!r}): {r['reason']}"
                   for r in self.shifted_rows[:10]]
-        lines.append("values outside the enums (became 'unknown'):")
+        lines.append("values outside the enums (fields became 'unknown'; objects kept with their side unknown):")
         if not any(v["count"] for v in self.unknown_values.values()):
             lines.append("  none")
         for column, info in self.unknown_values.items():
             if info["count"]:
                 lines.append(f"  {column}: {info['count']} rows, e.g. {info['examples']}")
+        if any(self.objects_with_unknown_side.values()):
+            lines.append("objects kept in the captions with 'side unknown': " + ", ".join(
+                f"{c}={n}" for c, n in self.objects_with_unknown_side.items() if n))
         for name, counts in self.field_value_counts.items():
             lines.append(f"{name}: " + ", ".join(f"{v}={n}" for v, n in counts.items()))
         if self.missing_images or self.unreadable_images or self.rows_excluded_for_images:
@@ -179,25 +198,44 @@ def _read_csv(path: str | Path, what: str, report: BuildReport) -> tuple[pd.Data
     data = path.read_bytes()
     if not data[:4096].strip():
         raise DatasetError(f"{path}: the {what} file is empty; it needs a header row and data rows")
+    _check_text(path, data, what)
     frame = _read_csv_fast(path, data)
     if frame is not None:
         return frame, np.arange(2, len(frame) + 2)
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
-        header = [h.strip() for h in next(reader)]
-        rows, lines, previous = [], [], reader.line_num
-        for row in reader:
-            start, previous = previous + 1, reader.line_num
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue  # blank line
-            if len(row) != len(header):
-                report.malformed_rows.append({
-                    "file": path.name, "line": start, "image": row[0] if row else "",
-                    "reason": f"{len(row)} fields, the header has {len(header)}"})
-                continue
-            rows.append(row)
-            lines.append(start)
+        rows, lines, previous = [], [], 0
+        try:
+            header = [h.strip() for h in next(reader)]
+            previous = reader.line_num
+            for row in reader:
+                start, previous = previous + 1, reader.line_num
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue  # blank line
+                if len(row) != len(header):
+                    report.malformed_rows.append({
+                        "file": path.name, "line": start, "image": row[0] if row else "",
+                        "reason": f"{len(row)} fields, the header has {len(header)}"})
+                    continue
+                rows.append(row)
+                lines.append(start)
+        except csv.Error as err:
+            raise DatasetError(f"{path}: line {previous + 1} cannot be read as CSV ({err}); fix that line") from None
     return pd.DataFrame(rows, columns=header, dtype=object).astype(str), np.asarray(lines, dtype=np.int64)
+
+
+def _check_text(path: Path, data: bytes, what: str) -> None:
+    """A CSV must be UTF-8 text: a NUL byte (a binary file) or a Latin-1 export is an error naming its line."""
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise DatasetError(f"{path}: line {line} holds a NUL byte: the {what} file is not a "
+                           "text CSV (is it the right file?); export the table as a UTF-8 CSV")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(not_utf8_message(path, data.count(b"\n", 0, err.start) + 1, data[err.start],
+                                            f"{what} CSV")) from None
 
 
 def _read_csv_fast(path: Path, data: bytes) -> pd.DataFrame | None:
@@ -293,7 +331,24 @@ def _read_captions(path: str | Path, report: BuildReport) -> pd.DataFrame:
         raise DatasetError(f"{path}: empty image_path on lines {captions['_line'][empty_path].tolist()[:10]}")
     captions["split"] = split
     captions["image"] = _basename(captions["image_path"])
+    _refuse_shared_file_names(captions, path)
     return captions
+
+
+def _refuse_shared_file_names(captions: pd.DataFrame, path: str | Path) -> None:
+    """One file name in two folders: the annotations (keyed by file name) cannot tell the images apart."""
+    paths = captions["image_path"].str.strip()
+    folders_per_name = paths.groupby(captions["image"]).nunique()
+    clashing = folders_per_name.index[folders_per_name > 1]
+    if not len(clashing):
+        return
+    name = clashing[0]
+    rows = captions[(captions["image"] == name)].drop_duplicates("image_path")
+    shown = ", ".join(f"line {line}: {image_path}" for line, image_path in zip(rows["_line"][:3], rows["image_path"][:3],
+                                                                              strict=True))
+    raise DatasetError(f"{path}: {len(clashing)} file name(s) appear in more than one folder, e.g. {name!r} ({shown}). "
+                       "The annotations CSV names images by file name only, so it cannot tell these images apart; "
+                       "rename the images so that every file name is unique, in both CSVs.")
 
 
 def _read_annotations(path: str | Path, report: BuildReport) -> pd.DataFrame:
@@ -360,6 +415,7 @@ def load_ground_truth(captions_csv: str | Path, annotations_csv: str | Path,
     pair = frame["sidewalk_pos"] + "|" + frame["road_pos"]
     frame["road_vs_sidewalk"] = _map_unique(pair, lambda p: schema.derive_relation(*p.split("|")))
     frame["response"] = _compose_responses(frame)
+    _count_unknown_sides(frame, report)
     first = ["image_path", "image", "split", "target", *FIELDS, "has_annotation", "annotation_line"]
     frame = frame[first + [c for c in frame.columns if c not in first]]
 
@@ -367,11 +423,12 @@ def load_ground_truth(captions_csv: str | Path, annotations_csv: str | Path,
     report.field_value_counts = {f: {v: int((frame[f] == v).sum()) for v in schema.FIELD_ENUMS[f]} for f in FIELDS}
     report.captions_without_annotation = int((~has).sum())
     report.captions_without_annotation_examples = frame["image_path"][~has].head(_EXAMPLES).tolist()
-    orphans = pd.Index(captions["image"]).get_indexer_for(ann["_key"]) < 0
+    orphans = ~ann["_key"].isin(set(captions["image"])).to_numpy(bool)
     report.annotations_without_caption = int(orphans.sum())
     report.annotations_without_caption_examples = ann["image"][orphans].head(_EXAMPLES).tolist()
     report.shared_caption_basenames = int(captions["image"].duplicated(keep=False).sum())
     report.empty_captions = int((frame["target"].fillna("").str.strip() == "").sum())
+    _warn_empty_mandatory_columns(ann, annotations_csv, report)
     if report.captions_without_annotation:
         report.warnings.append(
             f"{report.captions_without_annotation} captions have no annotation: their fields are 'unknown' and "
@@ -402,6 +459,29 @@ def _count_unknown_values(ann: pd.DataFrame, report: BuildReport) -> None:
         unknown_tokens = _map_unique(ann[column], lambda v: bool(schema.parse_object_cell(v)[1]))
         bad = ann[column][unknown_tokens.astype(bool)]
         report.unknown_values[column] = {"count": int(len(bad)), "examples": _examples(bad)}
+
+
+def _warn_empty_mandatory_columns(ann: pd.DataFrame, path: str | Path, report: BuildReport) -> None:
+    """A sidewalk_pos or road_pos column without a single usable value makes every caption say ``unknown``."""
+    if not len(ann):
+        return
+    for column in POSITION_COLUMNS:
+        normalised = _map_unique(ann[column], lambda v, c=column: schema.normalize_position(v, _FIELD_ALLOWED[c]))
+        if not (normalised == schema.UNKNOWN).all():
+            continue
+        values = ann[column].str.strip()
+        what = ("is empty" if (values == "").all() else f"holds no {column} value (e.g. {_examples(values)})")
+        report.warnings.append(
+            f"{path}: the {column} column {what} in all {len(ann)} annotation rows, so every caption says "
+            f"'{schema.FIELD_LABELS[column]}: unknown'; check that column of the annotations CSV")
+
+
+def _count_unknown_sides(frame: pd.DataFrame, report: BuildReport) -> None:
+    """Objects the captions keep with their side unknown, per object column (captions' rows, not annotations')."""
+    for column in OBJECT_COLUMNS:
+        if column in frame:
+            n = _map_unique(frame[column], lambda v: len(schema.parse_object_cell(v)[1]))
+            report.objects_with_unknown_side[column] = int(n.sum())
 
 
 def _compose_responses(frame: pd.DataFrame) -> pd.Series:
@@ -652,6 +732,10 @@ def build_dataset(captions_csv: str | Path, annotations_csv: str | Path, out_dir
 
     usable = np.ones(len(frame), dtype=bool)
     if image_root is not None:
+        try:
+            check_image_root(image_root)
+        except ImagePathError as err:
+            raise DatasetError(str(err)) from None
         usable = _check_images(frame, image_root, report, show_progress)
         bad = report.missing_images + report.unreadable_images
         if bad and not allow_missing_images:
@@ -700,7 +784,9 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--captions_csv", type=resolve_cli_path, required=True, help="CSV with image_path, target, split")
     parser.add_argument("--annotations_csv", type=resolve_cli_path, required=True,
-                        help="CSV with image, sidewalk_pos, road_pos and the object position columns")
+                        help="CSV with image, sidewalk_pos, road_pos and the object position columns; an object whose "
+                             "position word is unknown (Leftish) stays in the caption with 'side unknown' and is "
+                             "counted. Both CSVs must be UTF-8")
     parser.add_argument("--out_dir", type=resolve_cli_path, required=True, help="folder for the JSONL/CSV outputs and build_report.json")
     parser.add_argument("--prompt", default=schema.DEFAULT_PROMPT, help="instruction stored in every record")
     parser.add_argument("--require_all_splits", action="store_true", help="fail unless train, val and test all exist")
@@ -717,6 +803,10 @@ def run_cli(args: argparse.Namespace) -> int:
                                allow_missing_images=args.allow_missing_images, show_progress=not args.quiet)
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: cannot write into --out_dir {args.out_dir}: {err.strerror or err} ({err.filename or ''}); "
+              "pass a folder you can write to", file=sys.stderr)
         return 2
     print(report.summary())
     return 0

@@ -24,7 +24,9 @@ Two families of metrics, side by side:
     and micro over all classes.
   - *position_accuracy*: over pairs present in both, the fraction whose positions are the
     same multiset (exact match, e.g. ``[left, right]`` vs ``[left, right]``; a position the
-    parser could not read counts as ``unknown`` and so as wrong).
+    parser could not read counts as ``unknown`` and so as wrong). A close object whose side the
+    annotation does not know (``a person close, side unknown`` in the builder's caption) counts as
+    found for recall, but its position never counts as right.
     *count_accuracy*: over the same pairs, the fraction with equal object counts.
   - *near_recall_by_crowding*: near recall split by how many close classes the ground-truth
     scene has (``1``, ``2``, ``3+``), with the pairs and the found pairs of each group: does the
@@ -50,12 +52,20 @@ Two families of metrics, side by side:
 
 Inputs: duplicate predictions for one image keep the **last** line (a resumed run appends
 regenerated captions); ``inputs.duplicates`` counts the dropped lines. ``outside_split`` counts
-distinct predicted images that are not in the split. Undefined ratios (0/0) are ``null``.
+distinct predicted images that are not in the split, ``matched_predictions`` those that are.
+:func:`evaluate_files` (``bvip evaluate``) refuses to score when fewer than ``min_matched`` (half) of
+the predicted images are in the split: predictions of another split, or names that differ (``.JPG``
+against ``.jpg``), would otherwise score 0.000 everywhere without a word. A caption that is not a string
+(a number, a list, null) is scored as an empty caption and counted in ``non_string_texts``. Captions are
+read through :func:`bvip_helpers.schema.normalize_text` (no-break and other Unicode spaces, fullwidth
+colons, zero-width characters), and ``normalised_texts`` counts the captions it changed. Undefined
+ratios (0/0) are ``null``.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 import sys
 from collections import Counter
@@ -162,34 +172,57 @@ def cell_positions(ground_truth: pd.DataFrame, column: str) -> list[tuple[str, .
 
 
 def predictions_frame(predictions: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pd.DataFrame:
-    """Predictions as a frame with ``image`` (basename) and ``text``: ``text`` if set, else ``response``."""
+    """Predictions as a frame with ``image`` (basename) and ``text``: ``text`` if set, else ``response``.
+
+    A caption that is not a string (a number, a list, null) becomes ``""`` and is flagged in the
+    ``non_string`` column; ``normalised`` flags the captions :func:`schema.normalize_text` changed.
+    """
     if isinstance(predictions, pd.DataFrame):
         frame = predictions
-    else:  # column by column: records may mix 'text' and 'response'
+    else:  # column by column: records may mix 'text' and 'response'; _ABSENT marks a key a record lacks
         records = list(predictions)
-        frame = pd.DataFrame({key: [record.get(key) for record in records] for key in ("image", "text", "response")
+        frame = pd.DataFrame({key: [record.get(key, _ABSENT) for record in records]
+                              for key in ("image", "text", "response")
                               if not records or any(key in record for record in records)}, dtype=object)
     if "image" not in frame:
         raise ValueError("predictions need an 'image' column/key (the image path or basename)")
     if "text" not in frame and "response" not in frame:
         raise ValueError("predictions need a 'text' or 'response' column/key with the generated caption")
-    text = frame["text"] if "text" in frame else pd.Series(None, index=frame.index, dtype=object)
-    if "response" in frame:
-        text = text.where(text.notna() & (text.astype(str) != ""), frame["response"])
-    return pd.DataFrame({"image": basename(frame["image"]), "text": text.fillna("").astype(str)}, index=frame.index)
+    absent = pd.Series(_ABSENT, index=frame.index, dtype=object)
+    text, response = frame.get("text", absent), frame.get("response", absent)
+    use_text = text.map(lambda v: isinstance(v, str) and v != "")  # the seed's `text or response`
+    chosen = text.where(use_text, response.where(response.map(lambda v: v is not _ABSENT), text))
+    given = chosen.map(lambda v: v is not _ABSENT and not (isinstance(v, float) and np.isnan(v)))
+    is_string = chosen.map(lambda v: isinstance(v, str))
+    raw = chosen.where(is_string, "")
+    normalised = raw.map(schema.normalize_text)
+    flags = {"non_string": given & ~is_string, "normalised": normalised != raw}
+    for name in flags:  # a frame this function made before keeps what it counted then
+        if name in frame:
+            flags[name] = flags[name] | frame[name].astype(bool)
+    return pd.DataFrame({"image": basename(frame["image"]), "text": normalised.astype(str),
+                         **{name: flag.to_numpy(bool) for name, flag in flags.items()}}, index=frame.index)
+
+
+#: marks a key that a prediction record does not have (an explicit null is a caption that is not a string)
+_ABSENT = object()
 
 
 def match_predictions(preds: pd.DataFrame, images: pd.Series) -> tuple[pd.Series, dict[str, int]]:
     """Texts aligned with ``images`` ('' where missing; the last line of an image wins) and the input counts."""
     duplicates = int(preds["image"].duplicated(keep="last").sum())
-    latest = preds.drop_duplicates("image", keep="last").set_index("image")["text"]
-    matched = images.map(latest)
+    latest = preds.drop_duplicates("image", keep="last").set_index("image")
+    matched = images.map(latest["text"])
+    predicted, split_images = set(latest.index.tolist()), set(images.tolist())  # sets: Index.isin is slow on str
     inputs = {
         "missing_predictions": int(matched.isna().sum()),
-        "outside_split": len(set(latest.index.tolist()) - set(images.tolist())),  # sets: Index.isin is slow on str
+        "matched_predictions": len(predicted & split_images),
+        "outside_split": len(predicted - split_images),
         "duplicates": duplicates,
         "bad_lines": 0,
         "prediction_records": int(len(preds)),
+        "non_string_texts": int(latest["non_string"].sum()) if "non_string" in latest else 0,
+        "normalised_texts": int(latest["normalised"].sum()) if "normalised" in latest else 0,
     }
     return matched.fillna("").astype(str), inputs
 
@@ -242,7 +275,8 @@ class ObjectPair:
 
     @property
     def same_positions(self) -> bool:
-        return self.found and Counter(self.truth) == Counter(self.said)
+        # a side the annotation does not know cannot be right, whatever the caption says
+        return self.found and schema.UNKNOWN not in self.truth and Counter(self.truth) == Counter(self.said)
 
 
 def compare_objects(truth: Mapping[str, Sequence[str]], said: Mapping[str, Sequence[str]]) -> list[ObjectPair]:
@@ -258,6 +292,43 @@ def compare_objects(truth: Mapping[str, Sequence[str]], said: Mapping[str, Seque
 def truth_objects(columns: Mapping[str, Sequence[tuple[str, ...]]], row: int) -> dict[str, tuple[str, ...]]:
     """Row ``row`` of the :func:`cell_positions` lists of each class: the classes it has, with their positions."""
     return {name: positions[row] for name, positions in columns.items() if positions[row]}
+
+
+class UnmatchedPredictionsError(ValueError):
+    """Too few predicted images are in the evaluated split: another split, or names that differ."""
+
+
+def check_matched(predictions: pd.DataFrame, ground_truth: pd.DataFrame, split: str, min_matched: float,
+                  pred_file: str = "") -> None:
+    """Refuse to score when fewer than ``min_matched`` of the distinct predicted images are in ``split``.
+
+    The message says which split the predictions do match, if any, and the three split image names
+    closest to the first unmatched prediction (``a.JPG`` -> ``a.jpg``).
+    """
+    if "image" not in ground_truth:
+        ground_truth = ground_truth.assign(image=basename(ground_truth["image_path"]))
+    predicted = list(dict.fromkeys(predictions["image"].tolist()))
+    in_split = ground_truth["split"] == split if "split" in ground_truth else pd.Series(True, ground_truth.index)
+    split_images = set(ground_truth.loc[in_split, "image"].tolist())
+    matched = sum(image in split_images for image in predicted)
+    if predicted and matched >= max(min_matched * len(predicted), 1e-9) or min_matched <= 0:
+        return
+    source = f"{pred_file}: " if pred_file else ""
+    if not predicted:
+        raise UnmatchedPredictionsError(f"{source}no predictions to score; caption the {split} split first")
+    message = (f"{source}only {matched} of {len(predicted)} predicted images are in the {split!r} split "
+               f"({len(split_images)} images), below --min_matched {min_matched:g}")
+    if "split" in ground_truth:
+        others = ground_truth.loc[~in_split].groupby("split")["image"].agg(lambda names: len(set(names) & set(predicted)))
+        others = others[others > 0]
+        if len(others):
+            message += "; they are in " + ", ".join(f"{name} ({n})" for name, n in others.items())
+    unmatched = next(image for image in predicted if image not in split_images)
+    closest = difflib.get_close_matches(unmatched, sorted(split_images), n=3, cutoff=0.0)
+    if closest:
+        message += f"; the {split} images closest to {unmatched!r} are " + ", ".join(map(repr, closest))
+    raise UnmatchedPredictionsError(message + ". Pass the --split the predictions were made for, fix the image "
+                                    "names, or pass --min_matched 0 to score anyway (missing images score 0).")
 
 
 # --- metric groups -----------------------------------------------------------
@@ -422,13 +493,14 @@ def evaluate_predictions(predictions: Iterable[Mapping[str, Any]] | pd.DataFrame
 def read_predictions(pred_jsonl: str | Path, *, skip_bad_lines: bool = False) -> tuple[pd.DataFrame, int]:
     """Predictions JSONL -> (frame with ``image`` and ``text``, number of bad lines skipped).
 
-    A line that is not a JSON object raises :class:`~bvip_helpers.io.JsonlError` naming its line
-    number. A record without ``image`` or without both ``text`` and ``response`` raises a
+    A line that is not a JSON object (or not UTF-8) raises :class:`~bvip_helpers.io.JsonlError` naming
+    its line number. A record without ``image`` or without both ``text`` and ``response`` raises a
     ``ValueError`` naming its line. With ``skip_bad_lines`` both are counted instead.
     """
     bad_lines: list[int] = []
     records, bad_records = [], 0
-    for number, record in numbered_jsonl(pred_jsonl, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines):
+    for number, record in numbered_jsonl(pred_jsonl, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines,
+                                         skip_flag="--skip_bad_lines"):
         if "image" in record and ("text" in record or "response" in record):
             records.append(record)
         elif skip_bad_lines:
@@ -439,14 +511,23 @@ def read_predictions(pred_jsonl: str | Path, *, skip_bad_lines: bool = False) ->
     return predictions_frame(records), len(bad_lines) + bad_records
 
 
+#: ``bvip evaluate`` refuses to score when fewer than this fraction of the predicted images are in the split.
+MIN_MATCHED = 0.5
+
+
 def evaluate_files(pred_jsonl: str | Path, captions_csv: str | Path, annotations_csv: str | Path,
                    split: str = "test", *, skip_bad_lines: bool = False, json_out: str | Path | None = None,
-                   structured: bool = True) -> dict[str, Any]:
-    """Read the predictions JSONL and both CSVs, evaluate, optionally write the report JSON atomically."""
+                   structured: bool = True, min_matched: float = MIN_MATCHED) -> dict[str, Any]:
+    """Read the predictions JSONL and both CSVs, evaluate, optionally write the report JSON atomically.
+
+    Raises :class:`UnmatchedPredictionsError` when fewer than ``min_matched`` of the predicted images
+    are in ``split`` (see :func:`check_matched`).
+    """
     from .dataset import load_ground_truth  # the builder owns the ground-truth rules
 
     predictions, bad = read_predictions(pred_jsonl, skip_bad_lines=skip_bad_lines)
     ground_truth = load_ground_truth(captions_csv, annotations_csv)
+    check_matched(predictions, ground_truth, split, min_matched, pred_file=str(pred_jsonl))
     report = evaluate_predictions(predictions, ground_truth, split, structured=structured, pred_file=str(pred_jsonl))
     report["inputs"]["bad_lines"] = bad
     if json_out:
@@ -526,7 +607,9 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     from bvip_helpers.io import resolve_cli_path
 
     parser.add_argument("--pred_jsonl", type=resolve_cli_path, required=True, help="predictions: one JSON object per line with "
-                        "'image' and 'text' or 'response'")
+                        "'image' and 'text' or 'response'. Captions are read with no-break and other Unicode spaces, "
+                        "fullwidth colons and zero-width characters mapped away (counted as normalised_texts); "
+                        "a caption that is not a string scores as empty (counted as non_string_texts)")
     parser.add_argument("--captions_csv", type=resolve_cli_path, required=True,
                         help="the SENSATION captions CSV (image_path, target, split)")
     parser.add_argument("--annotations_csv", type=resolve_cli_path, required=True,
@@ -534,14 +617,23 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="the split the predictions caption (default: test)")
     parser.add_argument("--json", type=resolve_cli_path, dest="json_out", default=None, help="write the report here (atomically)")
     parser.add_argument("--skip_bad_lines", action="store_true", help="count and skip malformed lines")
+    parser.add_argument("--min_matched", type=float, default=MIN_MATCHED,
+                        help="refuse to score (exit 2) when fewer than this fraction of the predicted images are in "
+                             f"--split: another split, or names that differ such as .JPG and .jpg (default: {MIN_MATCHED}; "
+                             "0 scores anyway)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     try:
         report = evaluate_files(args.pred_jsonl, args.captions_csv, args.annotations_csv, args.split,
-                                skip_bad_lines=args.skip_bad_lines, json_out=args.json_out)
-    except (ValueError, FileNotFoundError) as err:  # JsonlError is a ValueError
+                                skip_bad_lines=args.skip_bad_lines, json_out=args.json_out,
+                                min_matched=args.min_matched)
+    except (ValueError, FileNotFoundError) as err:  # JsonlError and DatasetError are ValueErrors
         print(f"bvip evaluate: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the report could not be written
+        print(f"bvip evaluate: error: cannot write the report to {args.json_out}: {err.strerror or err}; "
+              "pass a --json path in a writable folder", file=sys.stderr)
         return 2
     print(format_report(report))
     if args.json_out:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from PIL import Image
 from bvip_helpers.io import (
     ImagePathError,
     atomic_path,
+    check_image_root,
+    image_size,
     numbered_jsonl,
     resolve,
     safe_image_path,
@@ -90,10 +93,9 @@ def load_split(sft_dir: str | Path, split: str, image_root: str | Path, *,
         except ImagePathError as err:
             raise ImagePathError(f"{path}: line {line}: {err}") from err
         try:
-            with Image.open(image_path) as img:  # reads the header only: cheap, and catches non-images
-                size = img.size
-        except (OSError, SyntaxError) as err:
-            problems.append(f"{path.name}:{line} {record['image']} ({type(err).__name__})")
+            size = image_size(image_path)  # reads the header only: cheap, and catches non-images and bombs
+        except ImagePathError as err:
+            problems.append(f"{path.name}:{line} {record['image']} ({err})")
             continue
         samples.append(Sample(len(samples), record["image"], image_path, record["prompt"], record["response"], size))
     if problems and not skip_missing:
@@ -300,9 +302,7 @@ def export(fmt: str, sft_dir: str | Path, image_root: str | Path, out_dir: str |
     """
     if fmt not in EXPORTERS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORTERS)}")
-    sft_dir, root, out = resolve(sft_dir), resolve(image_root).resolve(), resolve(out_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--image_root {root} is not a directory")
+    sft_dir, root, out = resolve(sft_dir), check_image_root(resolve(image_root)).resolve(), resolve(out_dir)
     if splits is None:
         splits = tuple(s for s in SPLITS if (sft_dir / SFT_PATTERN.format(split=s)).is_file())
         if "train" not in splits:
@@ -338,7 +338,7 @@ def run_cli(args: argparse.Namespace) -> int:
         report = export(args.format, args.sft_dir, args.image_root, args.out, splits=splits,
                         skip_missing=args.skip_missing, **options)
     except (FileNotFoundError, ImagePathError, ValueError) as err:
-        print(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.summary())
     return 0

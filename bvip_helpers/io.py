@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -184,26 +186,42 @@ def parse_json_object(line: str) -> dict[str, Any]:
     return record
 
 
+def not_utf8_message(path: str | os.PathLike[str], line: int, byte: int, what: str = "file") -> str:
+    """The one wording for text that is not UTF-8 (a Latin-1 export, say), naming the file, line and byte."""
+    return (f"{path}: line {line} is not UTF-8 text (byte 0x{byte:02x}); the {what} must be UTF-8: "
+            f"re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {Path(path).name} > fixed_{Path(path).name}`")
+
+
 def numbered_jsonl(path: str | os.PathLike[str], *, skip_bad_lines: bool = False,
-                   bad_lines: list[int] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+                   bad_lines: list[int] | None = None,
+                   skip_flag: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, record)``; a malformed line raises :class:`JsonlError` unless ``skip_bad_lines``.
 
     Line numbers count every line of the file (blank ones too), as an editor shows them, so
     later errors about a record can name its line. Skipped line numbers are appended to
-    ``bad_lines``. A truncated last line (a run killed mid-write) is treated like any malformed line.
+    ``bad_lines``. A truncated last line (a run killed mid-write) is treated like any malformed line,
+    and so is a line that is not UTF-8. ``skip_flag`` names the caller's flag that skips bad lines
+    (``--skip_bad_lines``), so the error only suggests a flag the command has.
     """
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    advice = f", or pass {skip_flag} to count and skip it" if skip_flag else ""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                if not skip_bad_lines:
+                    raise JsonlError(not_utf8_message(path, number, raw[err.start], "JSONL file")) from None
+                if bad_lines is not None:
+                    bad_lines.append(number)
+                continue
             if not line.strip():
                 continue
             try:
                 record = parse_json_object(line)
             except ValueError as err:
                 if not skip_bad_lines:
-                    raise JsonlError(
-                        f"{path}: line {number} is not a JSON object ({err}). "
-                        "Fix or delete that line, or pass --skip_bad_lines to count and skip it."
-                    ) from err
+                    raise JsonlError(f"{path}: line {number} is not a JSON object ({err}). "
+                                     f"Fix or delete that line{advice}.") from err
                 if bad_lines is not None:
                     bad_lines.append(number)
                 continue
@@ -221,7 +239,19 @@ def read_jsonl(path: str | os.PathLike[str], **kwargs: Any) -> list[dict[str, An
 
 
 class ImagePathError(ValueError):
-    """An image path that escapes the image root, or an image that is missing or unreadable."""
+    """An image path that escapes the image root, or an image that is missing, unreadable or too large."""
+
+
+def check_image_root(image_root: str | os.PathLike[str]) -> Path:
+    """``image_root`` as a path, or :class:`ImagePathError` when it is not a folder (a typo, an unmounted disk).
+
+    Without this check every image would be reported missing, one by one, instead of the one root.
+    """
+    root = Path(image_root)
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise ImagePathError(f"--image_root {root} {what}; pass the folder the image paths are relative to")
+    return root
 
 
 def safe_image_path(image_root: str | os.PathLike[str], relative: str) -> Path:
@@ -236,22 +266,111 @@ def safe_image_path(image_root: str | os.PathLike[str], relative: str) -> Path:
     return candidate
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image fully (so corruption shows here, not mid-batch) as RGB."""
+#: Images with more pixels than this are refused as bad images before they are decoded: a 14,000 x 14,000
+#: "decompression bomb" of a few kilobytes would otherwise need gigabytes of memory. ``bvip predict
+#: --max_image_pixels`` (and ``max_pixels`` below) set another limit; 50 MP is a 8,660 x 5,770 photo.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+@contextmanager
+def _opened_image(path: str | os.PathLike[str], max_pixels: int | None) -> Iterator[Image.Image]:
+    """``Image.open`` with every failure as :class:`ImagePathError` and the pixel limit checked on the header."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if pillow_limit and limit > pillow_limit:  # Pillow's own guard would refuse what was allowed here
+                Image.MAX_IMAGE_PIXELS = limit
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > limit:
+                    raise ImagePathError(_too_large(path, f"{width} x {height} = {width * height:,}", limit))
+                yield img
     except FileNotFoundError as err:
         raise ImagePathError(f"image not found: {path}") from err
+    except Image.DecompressionBombError as err:
+        raise ImagePathError(_too_large(path, f"more than {2 * max(limit, pillow_limit or 0):,}", limit)) from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ImagePathError(f"image unreadable or corrupt: {path} ({err})") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
-def check_image(path: str | os.PathLike[str]) -> str | None:
+def _too_large(path: str | os.PathLike[str], size: str, limit: int) -> str:
+    return (f"image too large: {path} has {size} pixels, over the limit of {limit:,} pixels (a decompression bomb "
+            "guard); shrink the image, or raise the limit with --max_image_pixels")
+
+
+def image_size(path: str | os.PathLike[str], max_pixels: int | None = None) -> tuple[int, int]:
+    """``(width, height)`` from the header only; :class:`ImagePathError` when missing, unreadable or too large."""
+    with _opened_image(path, max_pixels) as img:
+        return img.size
+
+
+def load_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> Image.Image:
+    """Open an image fully (so corruption shows here, not mid-batch) as RGB.
+
+    Raises :class:`ImagePathError` when it is missing, unreadable, or has more than ``max_pixels``
+    (default :data:`MAX_IMAGE_PIXELS`) pixels.
+    """
+    with _opened_image(path, max_pixels) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def check_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> str | None:
     """``None`` when the image opens, else a one-line reason."""
     try:
-        load_image(path)
+        load_image(path, max_pixels)
     except ImagePathError as err:
         return str(err)
     return None
+
+
+# --- one writer per output file ----------------------------------------------------
+
+
+class OutputLockedError(ValueError):
+    """Another process is writing the same output file."""
+
+
+@contextmanager
+def output_lock(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold ``<target>.lock`` while writing ``target``; a second writer gets :class:`OutputLockedError`.
+
+    The lock is an advisory ``flock`` on a lock file that names the holder (pid and host), so the kernel
+    drops it when the holder dies, even by SIGKILL: a stale lock file never blocks a resume. Creating
+    the lock file is also the first write, so an unwritable folder fails here, before any work.
+    Without ``fcntl`` (Windows) there is no lock.
+    """
+    target = Path(target)
+    lock_path = target.with_name(target.name + ".lock")
+    try:
+        import fcntl
+    except ImportError:
+        yield lock_path
+        return
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            raise OutputLockedError(f"{target} is being written by another process ({holder}; lock file "
+                                    f"{lock_path}). Wait for it to finish, or write to another file.") from None
+        try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+            current = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield lock_path
+    finally:
+        lock_path.unlink(missing_ok=True)  # while still locked, so no one locks a file that is going away
+        os.close(fd)

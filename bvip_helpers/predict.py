@@ -7,11 +7,17 @@
         --out runs/tiny-qwen2-vl/preds_test.jsonl --batch_size 16 [--constrained]
 
 Each finished batch is appended (fsync'd) to ``--out`` as one JSON line per image with
-``image``, ``text``, ``model``, ``adapter`` and the generation parameters, which
+``image``, ``text``, ``model``, ``adapter``, the generation parameters and ``run_id``, which
 ``bvip evaluate`` reads directly. A rerun skips images already in the file, so a killed
 run resumes where it stopped; a truncated last line (killed mid-write) is dropped, the
-file rewritten atomically and the drop reported. A file written with other generation
-parameters is refused rather than mixed.
+file rewritten atomically and the drop reported.
+
+Only lines of the same run count as done. ``run_id`` is a short hash of everything that changes
+the text: the model and adapter (and the size and time of their weight, config and template files),
+the generation settings, the record's prompt and the image's content. A file holding any other line
+(written by another tool, another model, other settings, or before a prompt or an image changed) is
+refused, or moved aside to ``<out>.previous`` with ``restart_if_changed``. While a run writes
+``--out`` it holds ``<out>.lock`` (an advisory lock naming its process): a second writer is refused.
 
 Batches are sorted by prompt length and left-padded (the family code in
 :mod:`bvip_helpers.families` builds them), decoding is greedy or beam search, and
@@ -21,6 +27,7 @@ Batches are sorted by prompt length and left-padded (the family code in
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -34,17 +41,23 @@ from bvip_helpers import schema
 from bvip_helpers.constrained import constrained_generate_kwargs, mandatory_trie, relation_consistency, repair_relation
 from bvip_helpers.families import record_image_path, record_prompt
 from bvip_helpers.io import (
+    MAX_IMAGE_PIXELS,
     ImagePathError,
     JsonlError,
+    OutputLockedError,
     append_jsonl,
+    check_image_root,
+    file_sha1,
     load_image,
+    output_lock,
     parse_json_object,
     safe_image_path,
     write_jsonl,
 )
 
-#: output keys that must match between a file being resumed and the current run.
-RUN_KEYS = ("model", "adapter", "weights", "max_new_tokens", "num_beams", "constrained", "repair_relation")
+#: the run's settings, written into every output line; with the prompt and the image they make its run_id.
+RUN_KEYS = ("model", "adapter", "weights", "max_new_tokens", "num_beams", "do_sample", "constrained",
+            "repair_relation")
 
 
 @dataclass
@@ -165,8 +178,14 @@ def recover_output(out_path: Path) -> tuple[list[dict[str, Any]], int]:
     return records, dropped
 
 
+#: files of a model or adapter folder that change what it writes: weights, configs (generation config
+#: included), tokenizer and chat template. Reports written into the folder later (sft_result.json) are not.
+_MODEL_FILE_PATTERNS = ("*.safetensors", "*config.json", "tokenizer*.json", "*.jinja", "*.model", "vocab.*",
+                        "merges.txt", "special_tokens_map.json")
+
+
 def weights_id(loaded: LoadedModel) -> str | None:
-    """Size and mtime of the local weight files (adapter and base), so retrained weights never resume old captions.
+    """Size and mtime of the local model files (adapter and base), so retrained weights never resume old captions.
 
     ``None`` for hub checkpoints (their revision is fixed by the hub cache).
     """
@@ -176,18 +195,40 @@ def weights_id(loaded: LoadedModel) -> str | None:
     source = Path(str(getattr(loaded.spec, "hub_id", "") or ""))
     if str(source) and resolve(source).is_dir():
         folders.append(resolve(source))
-    stamps = [f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}"
-              for folder in folders for f in sorted(folder.glob("*.safetensors"))]
+    files = sorted({f for folder in folders for pattern in _MODEL_FILE_PATTERNS for f in folder.glob(pattern)})
+    stamps = [f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files if f.is_file()]
     return "|".join(stamps) or None
 
 
-def _check_same_run(existing: list[dict[str, Any]], run: dict[str, Any], out_path: Path) -> str | None:
-    """``None`` when every existing line was made with this run's settings, else what differs."""
-    for record in existing:
-        different = {k: (record.get(k), run[k]) for k in RUN_KEYS if k in record and record.get(k) != run[k]}
+def run_id(settings: Mapping[str, Any], prompt: str, image_sha1: str | None) -> str:
+    """The short hash a line carries: this run's settings, the record's prompt and the image's content."""
+    payload = json.dumps({**settings, "prompt": prompt, "image_sha1": image_sha1}, sort_keys=True, default=str)
+    return hashlib.sha1(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def resumable_lines(existing: list[dict[str, Any]], settings: Mapping[str, Any],
+                    expected: Mapping[str, str]) -> tuple[set[str], str | None]:
+    """``(images done, None)``, or ``(set(), why)`` when a line of the file is not this run's.
+
+    ``expected`` maps each image of this run to its :func:`run_id`. A line of this run for an image
+    this call does not caption (another subset, ``--limit``) is kept, but not counted.
+    """
+    done: set[str] = set()
+    for number, line in enumerate(existing, start=1):
+        image = line.get("image")
+        if not isinstance(image, str) or "run_id" not in line or any(k not in line for k in RUN_KEYS):
+            return set(), (f"line {number} was not written by `bvip predict` (it lacks 'run_id' or the run's settings); "
+                           "it may be the records file itself, another tool's output, or an older version's")
+        different = {k: (line[k], settings[k]) for k in RUN_KEYS if line[k] != settings[k]}
         if different:
-            return ", ".join(f"{k}: file has {a!r}, this run {b!r}" for k, (a, b) in different.items())
-    return None
+            return set(), "other settings (" + ", ".join(f"{k}: file has {a!r}, this run {b!r}"
+                                                         for k, (a, b) in different.items()) + ")"
+        if image in expected and line["run_id"] != expected[image]:
+            return set(), (f"line {number} ({image}) was captioned from another prompt or another version of the "
+                           "image: the record's prompt or the image file changed since")
+        if image in expected:
+            done.add(image)
+    return done, None
 
 
 # --- Generation --------------------------------------------------------------------
@@ -210,41 +251,46 @@ def predict(model_or_spec: Any, records: Iterable[Mapping[str, Any]], image_root
             out_path: str | os.PathLike[str], *, adapter: str | None = None, batch_size: int = 8,
             max_new_tokens: int = 128, num_beams: int = 1, constrained: bool = False,
             repair_relation_field: bool = False, limit: int | None = None, skip_bad_images: bool = False,
-            restart_if_changed: bool = False, progress: bool = True) -> PredictStats:
+            restart_if_changed: bool = False, progress: bool = True,
+            max_image_pixels: int = MAX_IMAGE_PIXELS) -> PredictStats:
     """Generate captions for ``records`` (dicts with ``image`` and optionally ``prompt``) into ``out_path``.
 
     ``model_or_spec``: a :class:`LoadedModel`, or anything :func:`load` accepts (registry
-    name, spec, hub id, local dir), loaded with ``adapter``. Resumes an existing
-    ``out_path`` made with the same model weights and settings (another file is refused, or
-    started over with ``restart_if_changed``). A missing or corrupt image raises :class:`ImagePathError` naming it,
+    name, spec, hub id, local dir), loaded with ``adapter``. Resumes an existing ``out_path``
+    whose lines all belong to this run (see the module docstring); another file is refused, or
+    moved to ``<out>.previous`` and started over with ``restart_if_changed``. A second process
+    writing the same file gets :class:`~bvip_helpers.io.OutputLockedError`. A missing, corrupt or
+    too large image (more than ``max_image_pixels``) raises :class:`ImagePathError` naming it,
     unless ``skip_bad_images`` (then it is counted in ``stats.bad_images``).
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1 or num_beams < 1 or max_new_tokens < 1:
         raise ValueError("batch_size, num_beams and max_new_tokens must be >= 1")
-    loaded = model_or_spec if isinstance(model_or_spec, LoadedModel) else load(model_or_spec, adapter)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}: caption at least 1 image (leave --limit out to caption them all)")
+    image_root = check_image_root(image_root)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out_path):  # before loading the model: a second writer or an unwritable folder fails at once
+        loaded = model_or_spec if isinstance(model_or_spec, LoadedModel) else load(model_or_spec, adapter)
+        return _predict_locked(loaded, records, image_root, out_path, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, num_beams=num_beams, constrained=constrained,
+                               repair_relation_field=repair_relation_field, limit=limit,
+                               skip_bad_images=skip_bad_images, restart_if_changed=restart_if_changed,
+                               progress=progress, max_image_pixels=max_image_pixels)
+
+
+def _predict_locked(loaded: LoadedModel, records: Iterable[Mapping[str, Any]], image_root: Path, out_path: Path, *,
+                    batch_size: int, max_new_tokens: int, num_beams: int, constrained: bool,
+                    repair_relation_field: bool, limit: int | None, skip_bad_images: bool,
+                    restart_if_changed: bool, progress: bool, max_image_pixels: int) -> PredictStats:
+    """:func:`predict` once ``out_path`` is locked."""
+    from tqdm.auto import tqdm
+
     stats = PredictStats(out_path=str(out_path))
     start = time.perf_counter()
-
-    run = {"model": loaded.name, "adapter": loaded.adapter, "weights": weights_id(loaded), "max_new_tokens": max_new_tokens,
-           "num_beams": num_beams, "do_sample": False, "constrained": constrained,
-           "repair_relation": repair_relation_field}
-    existing, stats.dropped_partial_lines = recover_output(out_path)
-    if stats.dropped_partial_lines:
-        print(f"predict: dropped {stats.dropped_partial_lines} truncated line(s) at the end of {out_path} "
-              "(an interrupted run) and rewrote it before resuming", file=sys.stderr)
-    different = _check_same_run(existing, run, out_path)
-    if different and not restart_if_changed:
-        raise ValueError(f"{out_path} holds predictions made with other settings ({different}); use another "
-                         "--out, delete the file, or pass --restart_if_changed to start it over")
-    if different:
-        print(f"predict: {out_path} was made with other settings ({different}); starting it over", file=sys.stderr)
-        out_path.unlink()
-        existing = []
-    done = {str(r.get("image")) for r in existing}
+    settings = {"model": loaded.name, "adapter": loaded.adapter, "weights": weights_id(loaded),
+                "max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False,
+                "constrained": constrained, "repair_relation": repair_relation_field}
 
     unique: dict[str, Mapping[str, Any]] = {}
     for number, record in enumerate(records, start=1):
@@ -254,44 +300,60 @@ def predict(model_or_spec: Any, records: Iterable[Mapping[str, Any]], image_root
         if key in unique:
             stats.duplicate_records += 1
             continue
-        unique[key] = record
         if limit is not None and len(unique) >= limit:
             break
+        unique[key] = record
     stats.total = len(unique)
-    pending = [r for key, r in unique.items() if key not in done]
+    paths = {key: safe_image_path(image_root, key) for key in unique}  # an escaping path stops the run here
+    expected = {key: run_id(settings, prompt_of(record), file_sha1(paths[key])) for key, record in unique.items()}
+
+    existing, stats.dropped_partial_lines = recover_output(out_path)
+    if stats.dropped_partial_lines:
+        print(f"predict: dropped {stats.dropped_partial_lines} truncated line(s) at the end of {out_path} "
+              "(an interrupted run) and rewrote it before resuming", file=sys.stderr)
+    done, different = resumable_lines(existing, settings, expected)
+    if different:
+        previous = out_path.with_name(out_path.name + ".previous")
+        if not restart_if_changed:
+            raise ValueError(f"{out_path} holds predictions this run cannot resume: {different}. Use another --out, "
+                             f"delete the file, or pass --restart_if_changed to move it to {previous} and start over")
+        os.replace(out_path, previous)
+        print(f"predict: {out_path} holds predictions this run cannot resume ({different}); moved it to "
+              f"{previous} and starting over", file=sys.stderr)
+        done = set()
+    pending = [(key, r) for key, r in unique.items() if key not in done]
     stats.already_done = stats.total - len(pending)
 
     # Check every pending image first: a bad file should stop the run before any compute is spent.
-    usable: list[tuple[Mapping[str, Any], Path]] = []
-    for record in pending:
+    usable: list[tuple[str, Mapping[str, Any], Path]] = []
+    for key, record in pending:
         try:
-            path = safe_image_path(image_root, record_image_path(dict(record)))
-            load_image(path)
+            load_image(paths[key], max_image_pixels)
         except ImagePathError as err:
             if not skip_bad_images:
                 raise ImagePathError(f"{err}. Fix the image or --image_root, or pass --skip_bad_images "
                                      "to skip and count bad images") from err
             stats.bad_images.append(str(err))
             continue
-        usable.append((record, path))
+        usable.append((key, record, paths[key]))
     if stats.bad_images:
         print(f"predict: skipped {len(stats.bad_images)} bad image(s): " + "; ".join(stats.bad_images[:5])
               + (" ..." if len(stats.bad_images) > 5 else ""), file=sys.stderr)
 
     # Similar prompt lengths in one batch mean less padding.
-    usable.sort(key=lambda item: (len(prompt_of(item[0])), str(item[1])))
+    usable.sort(key=lambda item: (len(prompt_of(item[1])), str(item[2])))
     trie = mandatory_trie(loaded.processor) if constrained else None
     texts: list[str] = []
     bar = tqdm(total=len(usable), desc=f"predict {loaded.name}", unit="img", disable=not progress)
     for begin in range(0, len(usable), batch_size):
         batch = usable[begin: begin + batch_size]
-        images = [load_image(path) for _, path in batch]
-        prompts = [prompt_of(record) for record, _ in batch]
+        images = [load_image(path, max_image_pixels) for _, _, path in batch]
+        prompts = [prompt_of(record) for _, record, _ in batch]
         generated = _generate_batch(loaded, images, prompts, max_new_tokens=max_new_tokens,
                                     num_beams=num_beams, trie=trie)
         lines = []
-        for (record, _), text in zip(batch, generated, strict=True):
-            line = {"image": record_image_path(dict(record)), "text": text, **run}
+        for (key, _, _), text in zip(batch, generated, strict=True):
+            line = {"image": key, "text": text, **settings, "run_id": expected[key]}
             if repair_relation_field:
                 fixed, changed = repair_relation(text)
                 line.update(text=fixed, text_raw=text, repaired=changed)
@@ -317,7 +379,11 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", type=resolve_cli_path, default=None, help="PEFT adapter folder loaded on top of --model")
     parser.add_argument("--jsonl", type=resolve_cli_path, required=True, help="records with 'image' (and 'prompt'), e.g. bvpi_sft_test.jsonl")
     parser.add_argument("--image_root", type=resolve_cli_path, required=True, help="folder the records' image paths are relative to")
-    parser.add_argument("--out", type=resolve_cli_path, required=True, help="predictions JSONL (appended to; a rerun resumes)")
+    parser.add_argument("--out", type=resolve_cli_path, required=True,
+                        help="predictions JSONL, appended to: a rerun resumes the lines of the same run (same model, "
+                             "weights, settings, prompts and images; other lines are refused, see "
+                             "--restart_if_changed). While it runs, <out>.lock names the process writing it, and a "
+                             "second bvip predict on the same --out is refused")
     parser.add_argument("--batch_size", type=int, default=8, help="images per generation batch (default: 8)")
     parser.add_argument("--max_new_tokens", type=int, default=128,
                         help="longest caption in tokens (default: 128)")
@@ -326,26 +392,58 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
                         help="force 'Sidewalk: .. Road: .. RoadVsSidewalk: ..' with valid values")
     parser.add_argument("--repair_relation", action="store_true",
                         help="derive RoadVsSidewalk from the predicted Sidewalk and Road (raw text kept)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N distinct images")
-    parser.add_argument("--skip_bad_images", action="store_true", help="skip (and count) missing/corrupt images")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N distinct images (N >= 1)")
+    parser.add_argument("--skip_bad_images", action="store_true",
+                        help="skip (and count) missing, corrupt and too large images")
+    parser.add_argument("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS,
+                        help="an image with more pixels is a bad image, refused before it is decoded (a decompression "
+                             f"bomb guard; default: {MAX_IMAGE_PIXELS:,})")
     parser.add_argument("--restart_if_changed", action="store_true",
-                        help="start --out over when it was made with other weights or settings (default: refuse)")
+                        help="when --out holds lines this run cannot resume (another model, weights, settings, prompt "
+                             "or image, or another tool's file), move it to <out>.previous and start over "
+                             "(default: refuse)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of ``--jsonl``; :class:`ValueError` naming the file and line for a bad one."""
+    from bvip_helpers.io import numbered_jsonl
+
+    if not path.is_file():
+        raise ValueError(f"--jsonl {path}: no such file; pass the records file, e.g. data/bvpi_out/bvpi_sft_test.jsonl")
+    records = []
+    for number, record in numbered_jsonl(path):
+        if not (record.get("image") or record.get("images")):
+            raise ValueError(f"{path}: line {number} has no 'image' (or 'images'); every record names its image")
+        records.append(record)
+    return records
+
+
 def run_cli(args: argparse.Namespace) -> int:
-    from bvip_helpers.io import iter_jsonl, resolve_cli_path
+    from bvip_helpers.io import resolve_cli_path
+    from bvip_helpers.registry import UnknownModelError
 
     model = str(resolve_cli_path(args.model)) if Path(args.model).expanduser().is_dir() else args.model
-    records = list(iter_jsonl(args.jsonl))
     try:
+        if args.out.resolve() == args.jsonl.resolve():
+            raise ValueError(f"--out {args.out} is the --jsonl records file itself: the predictions would be "
+                             "appended to the records; write them to another file")
+        records = read_records(args.jsonl)
         stats = predict(model, records, args.image_root, args.out, adapter=args.adapter,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                         constrained=args.constrained, repair_relation_field=args.repair_relation, limit=args.limit,
                         skip_bad_images=args.skip_bad_images, restart_if_changed=args.restart_if_changed,
-                        progress=not args.no_progress)
-    except (ImagePathError, JsonlError, ValueError) as err:
+                        progress=not args.no_progress, max_image_pixels=args.max_image_pixels)
+    except (ImagePathError, JsonlError, OutputLockedError, ValueError) as err:
         print(f"bvip predict: error: {err}", file=sys.stderr)
+        return 2
+    except UnknownModelError as err:
+        print(f"bvip predict: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an unwritable --out, a full disk
+        print(f"bvip predict: error: cannot write {err.filename or args.out}: {err.strerror or err}. Lines already "
+              "written are kept: make --out writable (or free disk space) and rerun the same command to resume",
+              file=sys.stderr)
         return 2
     print(stats.summary())
     print(json.dumps({k: v for k, v in asdict(stats).items() if k != "bad_images"}, default=str))

@@ -5,6 +5,10 @@ A BVIP priority caption looks like::
     Sidewalk: right. Road: left. RoadVsSidewalk: left_of.
     Nearby: a person close on the center; 2 obstacles close on the left and right.
     Far: a traffic light farther away on the left.
+
+An object whose side the annotation does not name (a typo such as ``Leftish``) stays in the caption
+with its side unknown: ``a person close, side unknown``, ``3 cars close on the left and right, 1 side
+unknown``. A blind pedestrian must hear that someone is close even when nobody wrote down where.
     Context: A sidewalk is shown with a pedestrian ahead.
 
 This module turns annotation cells into that text (:func:`compose_caption`) and any
@@ -121,9 +125,10 @@ _CELL_SPLIT = re.compile(r"[-,/\s]+")
 def parse_object_cell(value: object) -> tuple[list[str], list[str]]:
     """Split a multi-object cell such as ``Left-Left-Center`` into positions.
 
-    Returns ``(positions, unknown_tokens)``: positions sorted left, center, right, one
-    per object; tokens that are neither a position nor an empty marker (``Outside``,
-    typos) are returned separately so callers can count and report them.
+    Returns ``(positions, unknown_tokens)``: positions sorted left, center, right, one per
+    object. A token that is neither a position nor an empty marker (``Outside``, a typo such as
+    ``Leftish``) is still an object, whose side is unknown: it adds an ``unknown`` position (sorted
+    last), and the token is returned separately so callers can count and report it.
     """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return [], []
@@ -137,8 +142,14 @@ def parse_object_cell(value: object) -> tuple[list[str], list[str]]:
             positions.append(token)
         elif token and token not in {"not", "present", "none", "nan"}:
             unknown.append(token)
-    positions.sort(key=OBJECT_POSITIONS.index)
+            positions.append(UNKNOWN)
+    positions.sort(key=_position_order)
     return positions, unknown
+
+
+def _position_order(position: str) -> int:
+    """left, center, right, then unknown (and anything else) last."""
+    return OBJECT_POSITIONS.index(position) if position in OBJECT_POSITIONS else len(OBJECT_POSITIONS)
 
 
 def _article(noun: str) -> str:
@@ -152,10 +163,20 @@ def _join_positions(positions: list[str]) -> str:
 
 
 def object_phrase(obj: ObjectClass, positions: list[str], near: bool) -> str:
-    """``a person close on the center`` / ``2 obstacles farther away on the left and right``."""
+    """``a person close on the center`` / ``2 obstacles farther away on the left and right``.
+
+    Unknown sides are said, never dropped: ``a person close, side unknown``, ``2 cars close, sides
+    unknown``, ``3 cars close on the left and right, 1 side unknown`` (:func:`parse_caption` reads them back).
+    """
     distance = "close" if near else "farther away"
     head = f"{_article(obj.name)} {obj.name}" if len(positions) == 1 else f"{len(positions)} {obj.plural}"
-    return f"{head} {distance} on the {_join_positions(positions)}"
+    known = [p for p in positions if p != UNKNOWN]
+    n_unknown = len(positions) - len(known)
+    if not n_unknown:
+        return f"{head} {distance} on the {_join_positions(known)}"
+    if not known:
+        return f"{head} {distance}, {'side' if n_unknown == 1 else 'sides'} unknown"
+    return f"{head} {distance} on the {_join_positions(known)}, {n_unknown} {'side' if n_unknown == 1 else 'sides'} unknown"
 
 
 NOTHING_CLOSE = "nothing close"
@@ -212,6 +233,26 @@ _OBJECT_MENTION = re.compile(
 #: More objects of one class than any caption lists; larger counts are clipped, not allocated.
 MAX_OBJECTS_PER_CLASS = 20
 _POSITION_WORD = re.compile(r"\b(left|center|centre|right)\b", _FLAGS)
+#: ``side unknown`` / ``sides unknown`` / ``2 sides unknown``: objects whose side is not known (see object_phrase).
+_UNKNOWN_SIDES = re.compile(r"(?<![a-z])(?:(?P<count>\d{1,3}|one|two|three|four|five|six)\s+)?sides?\s+unknown\b",
+                            _FLAGS)
+
+#: Look-alike characters that make ``Sidewalk: left`` unreadable to the patterns, mapped away before any
+#: parsing (:func:`normalize_text`): Unicode spaces (no-break, narrow no-break, figure, thin, ideographic...)
+#: become a space, the fullwidth, small and vertical colons a colon, and zero-width characters (space,
+#: joiners, word joiner, byte-order mark) and the soft hyphen are removed. Nothing else changes: no NFKC,
+#: which would also fold the long s of ``croſſing`` into ``crossing``.
+_LOOKALIKES = str.maketrans({
+    **dict.fromkeys("\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u202f\u205f\u3000",
+                    " "),
+    **dict.fromkeys("\uff1a\ufe55\ufe13", ":"),
+    **dict.fromkeys("\u200b\u200c\u200d\u2060\ufeff\u00ad"),
+})
+
+
+def normalize_text(text: str) -> str:
+    """``text`` with the look-alike spaces, colons and zero-width characters of :data:`_LOOKALIKES` mapped away."""
+    return text.translate(_LOOKALIKES)
 
 
 @dataclass
@@ -253,6 +294,11 @@ def object_mentions(text: str) -> list[ObjectMention]:
         rest = text[mention.end(): mentions[i + 1].start() if i + 1 < len(mentions) else len(text)]
         rest = re.split(r"[;.]", rest, maxsplit=1)[0]
         positions = [_SYNONYMS.get(p.lower(), p.lower()) for p in _POSITION_WORD.findall(rest)]
+        unknown_sides = _UNKNOWN_SIDES.search(rest)
+        if unknown_sides:  # "..., 1 side unknown"; without a number, every object not placed
+            said = (unknown_sides.group("count") or "").lower()
+            n_unknown = int(said) if said.isdigit() else _COUNT_WORDS.get(said, count - len(positions))
+            positions += [UNKNOWN] * min(max(n_unknown, 1), MAX_OBJECTS_PER_CLASS)
         if len(positions) < count:  # "2 cars close on the left" -> both on the left
             positions += [positions[-1] if positions else UNKNOWN] * (count - len(positions))
         found.append(ObjectMention(name, tuple(positions[: max(count, 1)]), mention.start()))
@@ -265,13 +311,17 @@ def _parse_objects(text: str) -> dict[str, list[str]]:
     for mention in object_mentions(text):
         found.setdefault(mention.name, []).extend(mention.positions)
     for positions in found.values():
-        positions.sort(key=lambda p: OBJECT_POSITIONS.index(p) if p in OBJECT_POSITIONS else 3)
+        positions.sort(key=_position_order)
     return found
 
 
 def parse_caption(text: object) -> ParsedCaption:
-    """Tolerantly split a caption into fields, sections and objects. Never raises."""
-    text = "" if text is None else str(text)
+    """Tolerantly split a caption into fields, sections and objects. Never raises.
+
+    The text is read through :func:`normalize_text` first, so a no-break space or a fullwidth colon
+    does not hide a field.
+    """
+    text = "" if text is None else normalize_text(str(text))
     fields: dict[str, str | None] = {}
     first_field_at = len(text)
     for key, pattern in FIELD_PATTERNS.items():

@@ -16,6 +16,11 @@ the adapter (or full model) plus processor and chat template, ``checkpoint-N/`` 
 (processor beside each), ``loss_curve.png``, ``merged/`` (LoRA merged into the base and
 checked against the adapter), ``preds_val.jsonl`` and ``eval_val.json``.
 
+An ``output_dir`` that already holds a run is refused (its ``merged/`` and ``eval_val.json`` would
+stay beside a new adapter and describe another model) unless ``resume`` continues it, from the latest
+*complete* checkpoint (one cut short by a kill is skipped, with a note), or ``overwrite`` deletes
+that run's files (:data:`RUN_OUTPUTS`, nothing else) and trains again.
+
 Runs under ``accelerate launch`` (configs in ``bvip_helpers/configs/``)::
 
     accelerate launch --config_file bvip_helpers/configs/accelerate_ddp.yaml -m bvip_helpers sft \\
@@ -31,12 +36,22 @@ import shutil
 import statistics
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from bvip_helpers import families
-from bvip_helpers.io import ANNOTATIONS_FILE, CAPTIONS_FILE, read_jsonl, resolve, resolve_cli_path, write_json
+from bvip_helpers.io import (
+    ANNOTATIONS_FILE,
+    CAPTIONS_FILE,
+    check_image_root,
+    read_jsonl,
+    remove_tree,
+    resolve,
+    resolve_cli_path,
+    write_json,
+)
 from bvip_helpers.registry import TWIN_META_FILE, get_spec
 
 METHODS = ("lora", "qlora", "full")
@@ -65,7 +80,7 @@ class SFTParams:
     lora_modules_to_save: str = _arg("", "comma list of modules trained in full beside the adapters, e.g. lm_head")
     train_vision: bool = _arg(False, "full fine-tuning only: train the vision tower and projector too")
     epochs: float = _arg(1.0, "passes over the training records (max_steps > 0 overrides it)")
-    max_steps: int = _arg(-1, "optimizer steps; > 0 overrides epochs")
+    max_steps: int = _arg(-1, "optimizer steps (>= 1), overriding epochs; -1: train for epochs")
     lr: float = _arg(2e-4, "peak learning rate (LoRA on a 1-3B model: ~2e-4; full fine-tuning: ~1e-5)")
     lr_scheduler: str = _arg("linear", "transformers scheduler name: linear, cosine, constant, ...")
     warmup: float = _arg(0.0, "warmup steps (>= 1) or a fraction of all steps (< 1)")
@@ -78,7 +93,12 @@ class SFTParams:
     save_steps: int = _arg(0, "a checkpoint every N steps (0: only the final model)")
     save_total_limit: int = _arg(2, "checkpoints kept; older ones are deleted")
     logging_steps: int = _arg(5, "log the loss every N steps")
-    resume: str = _arg("", '"" (fresh), "auto" (latest checkpoint in output_dir) or a checkpoint folder')
+    resume: str = _arg("", '"" (fresh: output_dir must not hold an earlier run), "auto" (the latest complete '
+                           'checkpoint in output_dir; one cut short by a kill is skipped, with a note) or a checkpoint '
+                           'folder. The earlier end results (merged/, eval_val.json, preds_*.jsonl) are deleted: the '
+                           'resumed run writes them again')
+    overwrite: bool = _arg(False, "train again into an output_dir that holds an earlier run: that run's adapter, "
+                                  "checkpoints, merged/, eval and preds files are deleted first (other files are kept)")
     train_file: str = _arg("", "training records (default: data_dir/bvpi_chat_train.jsonl)", path=True)
     val_file: str = _arg("", "validation records (default: data_dir/bvpi_chat_val.jsonl)", path=True)
     eval: bool = _arg(True, "caption and score the val split at the end (eval_val.json)")
@@ -406,27 +426,157 @@ def build_trainer(params: SFTParams, spec: Any, model: Any, processor: Any, trai
                    processing_class=processor, callbacks=callbacks)
 
 
-def _resume_checkpoint(params: SFTParams) -> str | bool | None:
+#: What an SFT run writes into its output_dir; ``overwrite`` deletes exactly these, nothing else.
+RUN_OUTPUTS = (
+    "adapter_model.safetensors", "adapter_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "config.json", "generation_config.json", "training_args.bin", "README.md",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "processor_config.json",
+    "preprocessor_config.json", "video_preprocessor_config.json", "twin_meta.json", "sft_params.json",
+    "sft_result.json", "eval_val.json", "preds_*.jsonl", "preds_*.jsonl.previous", "loss_curve.png", "merged",
+    "eval", "constrained", "checkpoint-*",
+)
+#: Results computed from the final model (notebook 05's eval/ and constrained/ included): a resumed run
+#: writes them again, and until then an earlier run's copies would describe another model.
+DERIVED_OUTPUTS = ("merged", "eval_val.json", "preds_*.jsonl", "preds_*.jsonl.previous", "sft_result.json",
+                   "loss_curve.png", "eval", "constrained")
+#: Files that make a folder hold an earlier run.
+_RUN_MARKERS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json", "sft_result.json",
+                "merged", "checkpoint-*")
+
+
+def _present(folder: Path, patterns: tuple[str, ...]) -> list[Path]:
+    return sorted({path for pattern in patterns for path in folder.glob(pattern)}) if folder.is_dir() else []
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under ``accelerate launch`` (or a plain run): the process that deletes and reports."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def _remove(paths: list[Path], why: str) -> None:
+    if paths and _is_main_process():
+        for path in paths:
+            try:
+                remove_tree(path)
+            except FileNotFoundError:  # another process of a multi-process launch was first
+                pass
+        print(f"sft: {why}: deleted " + ", ".join(p.name for p in paths[:8]) + (" ..." if len(paths) > 8 else ""),
+              file=sys.stderr)
+
+
+def check_params(params: SFTParams) -> None:
+    """Settings that would train nothing, or contradict each other, as a ``ValueError`` naming the flag."""
+    if params.max_steps == 0 or params.max_steps < -1:
+        raise ValueError(f"--max_steps {params.max_steps}: train at least 1 step, or pass -1 to train for --epochs "
+                         "(0 steps would save an untrained adapter)")
+    if params.max_steps < 0 and params.epochs <= 0:
+        raise ValueError(f"--epochs {params.epochs}: train for more than 0 epochs, or set --max_steps")
+    if params.resume and params.overwrite:
+        raise ValueError("--resume continues the earlier run and --overwrite deletes it: pass only one of them")
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from (cut short by a kill while saving), or ``None`` when it is complete.
+
+    The Trainer writes ``trainer_state.json`` last, so a valid one means the weights, optimizer and
+    scheduler before it were written whole; their sizes are checked too, without loading them.
+    """
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+    except FileNotFoundError:
+        return "it has no trainer_state.json (the run was stopped while saving it)"
+    except (ValueError, KeyError, TypeError):
+        return "its trainer_state.json is cut short or not valid JSON"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return "it holds no weights (*.safetensors)"
+    for path in weights:
+        if not _safetensors_complete(path):
+            return f"{path.name} is cut short"
+    for path in (*folder.glob("*.pt"), *folder.glob("*.pth")):
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whose directory comes last
+            return f"{path.name} is cut short"
+    return None
+
+
+def _safetensors_complete(path: Path) -> bool:
+    """The file is as long as its header says (a safetensors file starts with its header's length and JSON)."""
+    try:
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+    return path.stat().st_size >= 8 + header_len + end
+
+
+def _resume_checkpoint(params: SFTParams) -> str | None:
+    """The checkpoint ``params.resume`` names: for ``auto`` the latest complete one (with a note about any skipped)."""
     if not params.resume:
         return None
-    if params.resume == "auto":
-        from transformers.trainer_utils import get_last_checkpoint
+    if params.resume != "auto":
+        path = resolve(params.resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume {params.resume}: no such checkpoint folder")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise ValueError(f"--resume {path}: this checkpoint cannot be resumed from: {problem}. Pass an earlier "
+                             "checkpoint, or --resume auto to take the latest complete one")
+        return str(path)
+    output_dir = params.resolved_output_dir()
+    checkpoints = [p for p in _present(output_dir, ("checkpoint-*",)) if p.is_dir() and p.name[11:].isdigit()]
+    skipped = []
+    for checkpoint in sorted(checkpoints, key=lambda p: int(p.name[11:]), reverse=True):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            if skipped and _is_main_process():
+                print(f"sft: {'; '.join(skipped)}; falling back to {checkpoint.name}, the latest complete checkpoint",
+                      file=sys.stderr)
+            return str(checkpoint)
+        skipped.append(f"{checkpoint.name} is incomplete ({problem})")
+    if _is_main_process():
+        print(f"sft: no complete checkpoint in {output_dir} to resume from"
+              + (f" ({'; '.join(skipped)})" if skipped else "") + "; starting fresh", file=sys.stderr)
+    return None
 
-        output_dir = params.resolved_output_dir()
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if last is None:
-            print(f"sft: no checkpoint in {output_dir} to resume from; starting fresh")
-        return last
-    path = resolve(params.resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume {params.resume}: no such checkpoint folder")
-    return str(path)
+
+def prepare_output_dir(params: SFTParams) -> str | None:
+    """Refuse to train over an earlier run unless asked; returns the checkpoint to resume from, if any.
+
+    ``overwrite`` deletes the earlier run's :data:`RUN_OUTPUTS`; ``resume`` deletes only its
+    :data:`DERIVED_OUTPUTS` (the resumed run writes them again). See the module docstring.
+    """
+    output_dir = params.resolved_output_dir()
+    earlier = _present(output_dir, _RUN_MARKERS)
+    if params.overwrite:
+        _remove(_present(output_dir, RUN_OUTPUTS), f"--overwrite: the earlier run in {output_dir}")
+        return None
+    if params.resume:
+        checkpoint = _resume_checkpoint(params)
+        if checkpoint is None and earlier:
+            raise ValueError(f"--resume {params.resume}: {output_dir} holds an earlier run "
+                             f"({', '.join(p.name for p in earlier[:5])}) but no complete checkpoint to resume from; "
+                             "pass --overwrite true to train it again, or another --output_dir")
+        if checkpoint is not None:
+            _remove(_present(output_dir, DERIVED_OUTPUTS), f"--resume: the results of the earlier end of {output_dir}")
+        return checkpoint
+    if earlier:
+        raise ValueError(f"{output_dir} already holds an SFT run ({', '.join(p.name for p in earlier[:5])}); a new one "
+                         "would replace its adapter while its merged/, eval_val.json and preds_val.jsonl describe the "
+                         "old model. Pass --resume auto to continue it, --overwrite true to delete it and train "
+                         "again, or another --output_dir")
+    return None
 
 
 def train_sft(params: SFTParams, callbacks: list[Any] | None = None) -> SFTResult:
     """Run one SFT job end to end (see the module docstring for what lands in ``output_dir``)."""
     from bvip_helpers.nb import seed_everything
 
+    check_params(params)
+    check_image_root(resolve(params.image_root))
+    resume_from = prepare_output_dir(params)  # before any loading: a refusal costs nothing
     seed_everything(params.seed)
     spec = get_spec(params.model)
     kind = _trainer_kind(params, spec)
@@ -447,7 +597,7 @@ def train_sft(params: SFTParams, callbacks: list[Any] | None = None) -> SFTResul
               f"({100 * trainable / max(total, 1):.2f}%)")
 
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=_resume_checkpoint(params))
+    output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.perf_counter() - start
     output_dir = params.resolved_output_dir()
     result = SFTResult(
@@ -633,11 +783,17 @@ def params_from_cli(args: argparse.Namespace) -> SFTParams:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from bvip_helpers.registry import UnknownModelError
+
     params = params_from_cli(args)
     try:
         result = train_sft(params)
-    except (TokenBudgetError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (TokenBudgetError, FileNotFoundError, ValueError, RuntimeError, UnknownModelError) as err:
         print(f"bvip sft: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an unwritable output_dir, a full disk
+        print(f"bvip sft: cannot write {err.filename or params.resolved_output_dir()}: {err.strerror or err}; "
+              "checkpoints already saved are kept (rerun with --resume auto)", file=sys.stderr)
         return 2
     if result.eval:
         print(json.dumps({"presence": result.eval["presence"], "accuracy": result.eval["accuracy"]}, indent=2))

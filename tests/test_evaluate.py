@@ -75,8 +75,9 @@ def test_builder_responses_score_perfectly(gt):
     assert s["critical_misses"] == 0 and s["critical_miss_rate"] == 0.0
     assert s["section_order_ok"] == s["relation_consistency"] == 1.0
     assert s["macro_f1"] == {k: 1.0 for k in ev.FIELDS}
-    assert report["inputs"] == {"missing_predictions": 0, "outside_split": 0, "duplicates": 0, "bad_lines": 0,
-                                "prediction_records": 4}
+    assert report["inputs"] == {"missing_predictions": 0, "matched_predictions": 4, "outside_split": 0,
+                                "duplicates": 0, "bad_lines": 0, "prediction_records": 4, "non_string_texts": 0,
+                                "normalised_texts": 0}
     json.dumps(report)  # serialisable as is
 
 
@@ -330,3 +331,13 @@ def test_no_predictions_at_all(gt):
     assert report["inputs"]["missing_predictions"] == 4
     assert report["accuracy"] == report["presence"] == {k: 0.0 for k in ev.FIELDS}
     assert report["structured"]["critical_misses"] == 3 and report["structured"]["near_objects"]["recall"] == 0.0
+
+
+def test_predictions_of_another_split_are_refused_unless_min_matched_is_0(tmp_path, gt):
+    preds = pd.DataFrame({"image": ["0004.jpg", "0005.JPG"], "text": ["x", "y"]})  # train images, one misspelt
+    with pytest.raises(ev.UnmatchedPredictionsError, match=r"only 0 of 2 .*'test' split \(4 images\).*they are in "
+                                                           r"train \(1\).*closest to '0004.jpg'"):
+        ev.check_matched(preds, gt, "test", 0.5)
+    ev.check_matched(preds, gt, "test", 0)  # asked to score anyway
+    half = pd.DataFrame({"image": ["0000.jpg", "0004.jpg"], "text": ["x", "y"]})
+    ev.check_matched(half, gt, "test", 0.5)  # one of two in the split: enough

@@ -128,7 +128,7 @@ def test_cli_export_and_clear_errors(sft, tmp_path, capsys):
     assert "python -m moondream.finetune.finetune_text" in capsys.readouterr().out
     assert main(["export", "--format", "internvl", "--sft_dir", str(tmp_path / "nope"), "--image_root",
                  str(root), "--out", str(out)]) == 2
-    assert "bvip build-dataset" in capsys.readouterr().out
+    assert "bvip build-dataset" in capsys.readouterr().err  # errors go to stderr, as in every bvip command
 
 
 def test_record_without_response_names_the_line(sft, tmp_path):

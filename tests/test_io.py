@@ -1,6 +1,7 @@
 """Atomic writes, JSONL errors with line numbers, image-root containment, image checks."""
 
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -96,3 +97,43 @@ def test_save_fig_writes_png(tmp_path, monkeypatch):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     monkeypatch.setenv("BVIP_FIGURES_DIR", str(tmp_path / "elsewhere"))
     assert io.save_fig("unit_test_plot", fig) == tmp_path / "elsewhere" / "unit_test_plot.png"
+
+
+def test_output_lock_refuses_a_second_writer_and_names_the_first(tmp_path):
+    target = tmp_path / "preds.jsonl"
+    with io.output_lock(target) as lock:
+        assert f"pid {os.getpid()}" in lock.read_text()
+        with pytest.raises(io.OutputLockedError, match=rf"being written by another process \(pid {os.getpid()}"), \
+                io.output_lock(target):
+            pass
+    assert not lock.exists()  # removed by its holder
+    with io.output_lock(target):  # and free again
+        pass
+
+
+def test_output_lock_fails_at_once_in_an_unwritable_place(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(OSError), io.output_lock(tmp_path / "a_file" / "preds.jsonl"):
+        pass
+
+
+def test_image_pixel_limit_is_checked_on_the_header(tmp_path):
+    path = tmp_path / "wide.png"
+    Image.new("1", (5000, 3000)).save(path)
+    assert io.image_size(path) == (5000, 3000)
+    with pytest.raises(io.ImagePathError, match=r"5000 x 3000 = 15,000,000 pixels, over the limit of 1,000,000"):
+        io.load_image(path, max_pixels=1_000_000)
+
+
+def test_jsonl_errors_suggest_only_the_flag_the_caller_has(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"b": "caf\xe9"}\n')
+    with pytest.raises(io.JsonlError, match=r"r.jsonl: line 2 is not UTF-8 text \(byte 0xe9\)"):
+        io.read_jsonl(path)
+    assert io.read_jsonl(path, skip_bad_lines=True) == [{"a": 1}]
+    path.write_text('{"a": 1}\n[2]\n', encoding="utf-8")
+    with pytest.raises(io.JsonlError) as plain:
+        io.read_jsonl(path)
+    assert "--skip_bad_lines" not in str(plain.value)
+    with pytest.raises(io.JsonlError, match="pass --skip_bad_lines"):
+        io.read_jsonl(path, skip_flag="--skip_bad_lines")

@@ -92,6 +92,23 @@ def test_retrained_weights_never_resume_old_captions(twin_dir, scenes, tmp_path)
         predict(load(model_dir), scenes["records"][:2], scenes["root"], out, max_new_tokens=4, progress=False)
 
 
+def test_a_redrawn_image_is_captioned_again_not_resumed(loaded, scenes, tmp_path):
+    """Same names, new pictures (`bvip synth` redrawn): the old captions describe other images."""
+    import shutil
+
+    from bvip_helpers.predict import predict
+
+    root = Path(shutil.copytree(scenes["root"], tmp_path / "images"))
+    records = scenes["records"][:2]
+    out = tmp_path / "preds.jsonl"
+    predict(loaded, records, root, out, max_new_tokens=4, progress=False)
+    shutil.copyfile(root / scenes["records"][5]["image"], root / records[0]["image"])
+    with pytest.raises(ValueError, match=r"another version of the image"):
+        predict(loaded, records, root, out, max_new_tokens=4, progress=False)
+    again = predict(loaded, records, root, out, max_new_tokens=4, restart_if_changed=True, progress=False)
+    assert again.generated == 2 and (tmp_path / "preds.jsonl.previous").is_file()
+
+
 @pytest.mark.slow
 def test_batched_left_padded_greedy_matches_one_by_one(loaded, scenes, tmp_path):
     from bvip_helpers.predict import predict

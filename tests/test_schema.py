@@ -12,8 +12,9 @@ SECTION_NAMES = {"fields", "nearby", "far", "context"}
 #: Sidewalk accepts ``front`` in captions (the seed's presence rule) although it is not in its enum.
 PARSED_FIELD_VALUES = {**schema.FIELD_ENUMS, "sidewalk_pos": (*schema.FIELD_ENUMS["sidewalk_pos"], "front")}
 
-positions = st.lists(st.sampled_from(schema.OBJECT_POSITIONS), min_size=1, max_size=7).map(
-    lambda ps: sorted(ps, key=schema.OBJECT_POSITIONS.index))
+#: an object whose annotation has no position word it knows keeps an unknown side ("a person close, side unknown")
+SIDES = (*schema.OBJECT_POSITIONS, schema.UNKNOWN)
+positions = st.lists(st.sampled_from(SIDES), min_size=1, max_size=7).map(lambda ps: sorted(ps, key=SIDES.index))
 objects = st.dictionaries(st.sampled_from(OBJECT_NAMES), positions, max_size=len(OBJECT_NAMES))
 # Context is free prose; without a colon it cannot open a section or restate a field.
 contexts = st.one_of(st.just(""), st.text(st.characters(codec="utf-8", exclude_characters=":\r\n\x00"), max_size=60),
@@ -97,3 +98,22 @@ def test_zero_count_is_not_a_mention():
 def test_absurd_counts_are_clipped():
     parsed = schema.parse_caption("Nearby: 999 cars close on the left.")
     assert parsed.near == {"car": ["left"] * schema.MAX_OBJECTS_PER_CLASS}
+
+
+def test_unknown_sides_are_said_and_read_back():
+    person = schema.OBJECTS_BY_NAME["person"]
+    assert schema.parse_object_cell("Left-Leftish") == (["left", schema.UNKNOWN], ["leftish"])
+    cases = {("unknown",): "a person close, side unknown", ("unknown", "unknown"): "2 people close, sides unknown",
+             ("left", "right", "unknown"): "3 people close on the left and right, 1 side unknown"}
+    for where, phrase in cases.items():
+        assert schema.object_phrase(person, list(where), True) == phrase
+        assert schema.parse_caption(f"Nearby: {phrase}; a car close on the left.").near == {
+            "person": list(where), "car": ["left"]}
+
+
+def test_lookalike_characters_do_not_hide_a_field():
+    text = "Sidewalk:\u00a0left. Road\uff1a right. RoadVs\u200bSidewalk: left_of. Nearby:\u202fa car close on the left."
+    parsed = schema.parse_caption(text)
+    assert parsed.fields == {"sidewalk_pos": "left", "road_pos": "right", "road_vs_sidewalk": "left_of"}
+    assert parsed.near == {"car": ["left"]}
+    assert schema.normalize_text("croſſing") == "croſſing"  # not NFKC: the long s stays what it is

@@ -308,3 +308,37 @@ def test_fused_lm_head_setting_is_checked():
     assert sft.use_fused_lm_head(sft.SFTParams(fused_lm_head="on"))
     assert not sft.use_fused_lm_head(sft.SFTParams(fused_lm_head="off"))
     assert sft.use_fused_lm_head(sft.SFTParams()) == torch.cuda.is_available()
+
+
+def test_checkpoint_cut_short_is_recognised_without_loading_it(tmp_path):
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    save_file({"w": torch.zeros(64, 64)}, str(checkpoint / "adapter_model.safetensors"))
+    torch.save({"state": torch.zeros(8)}, checkpoint / "optimizer.pt")
+    assert sft.checkpoint_problem(checkpoint) is None
+    weights = (checkpoint / "adapter_model.safetensors").read_bytes()
+    (checkpoint / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 2])  # killed mid-save
+    assert sft.checkpoint_problem(checkpoint) == "adapter_model.safetensors is cut short"
+    (checkpoint / "adapter_model.safetensors").write_bytes(weights)
+    optimizer = (checkpoint / "optimizer.pt").read_bytes()
+    (checkpoint / "optimizer.pt").write_bytes(optimizer[:-100])
+    assert sft.checkpoint_problem(checkpoint) == "optimizer.pt is cut short"
+    (checkpoint / "trainer_state.json").unlink()
+    assert "no trainer_state.json" in sft.checkpoint_problem(checkpoint)
+
+
+def test_resume_deletes_the_earlier_end_results_and_keeps_the_checkpoints(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "merged").mkdir()
+    for name in ("eval_val.json", "preds_val.jsonl", "sft_result.json", "adapter_model.safetensors"):
+        (out / name).write_text("old")
+    monkeypatch.setattr(sft, "checkpoint_problem", lambda folder: None)
+    p = sft.SFTParams(model="x", output_dir=str(out), resume="auto")
+    assert sft.prepare_output_dir(p) == str(out / "checkpoint-2")
+    assert sorted(x.name for x in out.iterdir()) == ["adapter_model.safetensors", "checkpoint-2"]
+    with pytest.raises(ValueError, match="only one of them"):
+        sft.check_params(sft.SFTParams(resume="auto", overwrite=True))

@@ -428,7 +428,8 @@ def pretrain_twin_base(model: str | os.PathLike[str], image_root: str | os.PathL
                        output_dir=str(out_dir), method="full", train_vision=train_vision, max_steps=max_steps,
                        lr=lr, batch_size=batch_size, seed=seed, train_file=str(files["train"]),
                        val_file=str(files["val"]), eval=False, merge=False, max_length=max_length,
-                       logging_steps=max(1, max_steps // 20), lr_scheduler="cosine")
+                       logging_steps=max(1, max_steps // 20), lr_scheduler="cosine",
+                       overwrite=True)  # the cache above is stale: replace the earlier stage's model
     result = train_sft(params)
     write_json(out_dir / SETTINGS_FILE, settings)
     print(f"caption pretrain: {result.global_step} steps in {result.train_seconds:.0f}s -> {out_dir}")

@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -1118,9 +1119,13 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    paths = generate_dataset(args.out_dir, n=args.n, seed=args.seed, image_size=args.image_size,
-                             show_progress=not args.quiet, quirks=not args.no_quirks, jpeg_quality=args.jpeg_quality,
-                             workers=args.workers)
+    try:
+        paths = generate_dataset(args.out_dir, n=args.n, seed=args.seed, image_size=args.image_size,
+                                 show_progress=not args.quiet, quirks=not args.no_quirks,
+                                 jpeg_quality=args.jpeg_quality, workers=args.workers)
+    except ValueError as err:  # --n 0, a bad --jpeg_quality
+        print(f"bvip synth: error: {err}", file=sys.stderr)
+        return 2
     for key, path in paths.items():
         print(f"{key}: {path}")
     if args.compare_to:

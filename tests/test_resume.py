@@ -1,0 +1,130 @@
+"""Killed at random moments, resumed, and the same output as an uninterrupted run (issue 21).
+
+``bvip predict`` and ``bvip sft`` run as real processes on the committed sample (``data/sample``)
+with the committed demo base (``tiny-qwen2-vl-base``) and get SIGKILL three times each, at moments
+drawn from a seeded RNG: after a random amount of progress, plus a random delay, so a kill may land
+in a generation step, in a write, in a training step or in a checkpoint save. Each rerun resumes
+(``bvip sft --resume auto``); the last one finishes. The predictions file must then be byte for byte
+the uninterrupted run's, and the adapter's tensors and the logged losses the uninterrupted run's.
+(``bvip dpo`` does not exist yet; its test belongs here when it does.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from bvip_helpers import cli
+from bvip_helpers.io import read_jsonl, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+MODEL = "tiny-qwen2-vl-base"
+KILLS = 3
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from bvip_helpers.dataset import build_dataset
+
+    out = tmp_path_factory.mktemp("bvpi_out")
+    build_dataset(SAMPLE / "complete_captions_sensation.csv", SAMPLE / "annotations_with_obj_pos.csv", out,
+                  image_root=SAMPLE, show_progress=False)
+    return out
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    """``bvip ARGS`` as its own process group, output to a file (a full pipe would stall it)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "ab") as fh:
+        return subprocess.Popen([sys.executable, "-m", "bvip_helpers", *args], cwd=REPO, env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], delay: float, timeout: float = 120) -> bool:
+    """SIGKILL ``proc`` ``delay`` seconds after ``ready()``; False when it finished first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
+    time.sleep(delay)
+    finished = proc.poll() is not None
+    if not finished:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return not finished
+
+
+def _complete_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_predict_killed_three_times_ends_like_an_uninterrupted_run(data_dir, tmp_path):
+    records = tmp_path / "records.jsonl"  # all 60 scenes of the sample
+    write_jsonl(records, [r for split in ("train", "val", "test") for r in read_jsonl(data_dir / f"bvpi_sft_{split}.jsonl")])
+    common = ["--model", MODEL, "--jsonl", str(records), "--image_root", str(SAMPLE), "--batch_size", "2",
+              "--max_new_tokens", "48", "--no_progress"]
+    straight = tmp_path / "straight.jsonl"
+    assert cli.main(["predict", *common, "--out", str(straight)]) == 0
+    assert _complete_lines(straight) == 60
+
+    out, log = tmp_path / "killed.jsonl", tmp_path / "predict.log"
+    rng = random.Random(21)
+    thresholds = sorted(rng.sample(range(2, 50), KILLS))  # lines written before each kill
+    for threshold in thresholds:
+        before = _complete_lines(out)
+        proc = _start(["predict", *common, "--out", str(out)], log)
+        assert _kill_when(proc, lambda t=threshold: _complete_lines(out) >= t, delay=rng.uniform(0, 0.05)), \
+            "the kill must land mid-run"
+        assert before < _complete_lines(out) < 60, log.read_text()[-3000:]
+    done = _start(["predict", *common, "--out", str(out)], log)
+    assert done.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert out.read_bytes() == straight.read_bytes()
+    assert not out.with_name(out.name + ".lock").exists()  # the last run removed its lock file
+
+
+def test_sft_killed_three_times_ends_with_the_same_adapter_and_losses(data_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    common = ["--model", MODEL, "--data_dir", str(data_dir), "--image_root", str(SAMPLE), "--batch_size", "2",
+              "--max_steps", "20", "--save_steps", "2", "--logging_steps", "1", "--lora_dropout", "0.1",
+              "--eval", "false", "--merge", "false", "--seed", "0"]
+    straight = tmp_path / "straight"
+    assert cli.main(["sft", *common, "--output_dir", str(straight)]) == 0
+
+    out, log = tmp_path / "killed", tmp_path / "sft.log"
+
+    def reached(step: int) -> Callable[[], bool]:
+        def check() -> bool:
+            steps = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+            return max(steps, default=0) >= step
+        return check
+
+    rng = random.Random(21)
+    for i, step in enumerate(sorted(rng.sample(range(2, 14, 2), KILLS))):
+        proc = _start(["sft", *common, "--output_dir", str(out), *(["--resume", "auto"] if i else [])], log)
+        assert _kill_when(proc, reached(step), delay=rng.uniform(0, 0.3)), "the kill must land mid-run"
+        assert not (out / "sft_result.json").exists(), log.read_text()[-3000:]
+    done = _start(["sft", *common, "--output_dir", str(out), "--resume", "auto"], log)
+    assert done.wait(timeout=300) == 0, log.read_text()[-3000:]
+
+    a, b = load_file(str(straight / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    losses = [json.loads((d / "sft_result.json").read_text())["losses"] for d in (straight, out)]
+    assert [s for s, _ in losses[1]] == list(range(1, 21))  # one loss per step, none lost or repeated
+    assert [v for _, v in losses[1]] == pytest.approx([v for _, v in losses[0]], rel=1e-5)
