@@ -40,6 +40,16 @@ from bvip_helpers.io import resolve, resolve_cli_path, write_json
 
 #: What the image-reliance check shows the model instead of the scene (``original`` is the scene itself).
 IMAGE_VARIANTS = ("original", "blank", "mirror")
+#: What a DPO run writes into its output_dir (``overwrite`` deletes exactly these; ``pairs/`` stays), the results
+#: computed from the final adapter, and the files that mark a folder as holding a run.
+RUN_OUTPUTS = ("adapter_model.safetensors", "adapter_config.json", "training_args.bin", "README.md", "tokenizer.json",
+               "tokenizer_config.json", "chat_template.jinja", "processor_config.json", "preprocessor_config.json",
+               "twin_meta.json", "dpo_params.json", "dpo_result.json", "loss_curve.png", "preference_report.json",
+               "before_after_test.json", "preds_*.jsonl", "preds_*.jsonl.previous", "eval", "constrained",
+               "checkpoint-*")
+DERIVED_OUTPUTS = ("dpo_result.json", "loss_curve.png", "preference_report.json", "before_after_test.json",
+                   "preds_*.jsonl", "preds_*.jsonl.previous", "eval", "constrained")
+RUN_MARKERS = ("adapter_model.safetensors", "dpo_result.json", "checkpoint-*")
 #: Error types whose rejected caption is the chosen one with a side swapped: a mirror image should turn them round.
 SIDE_ERRORS = ("sidewalk_flipped", "road_flipped", "object_side_flipped")
 
@@ -74,7 +84,8 @@ class DPOParams:
     save_steps: int = _arg(0, "a checkpoint every N steps (0: only the final adapter)")
     save_total_limit: int = _arg(2, "checkpoints kept")
     logging_steps: int = _arg(5, "log every N steps")
-    resume: str = _arg("", '"" (fresh), "auto" (latest checkpoint in output_dir) or a checkpoint folder')
+    resume: str = _arg("", '"" (fresh), "auto" (latest complete checkpoint in output_dir) or a checkpoint folder')
+    overwrite: bool = _arg(False, "train again into an output_dir that holds an earlier DPO run (its files are deleted)")
     example_cache_gb: float = _arg(2.0, "processed sequences kept in memory (0: none)")
 
     @property
@@ -195,6 +206,17 @@ class DPORun:
     budget: dict[str, Any]
 
 
+def check_params(params: DPOParams) -> None:
+    """Settings that would train nothing, or contradict each other, as a ``ValueError`` naming the flag."""
+    if params.max_steps == 0 or params.max_steps < -1:
+        raise ValueError(f"--max_steps {params.max_steps} would save the SFT adapter unchanged; pass a positive "
+                         "number, or -1 to train for --epochs")
+    if params.resume and params.overwrite:
+        raise ValueError("--resume continues the earlier run and --overwrite deletes it: pass only one of them")
+    if params.beta <= 0:
+        raise ValueError(f"--beta {params.beta}: must be positive")
+
+
 def build_dpo_trainer(params: DPOParams, callbacks: list[Any] | None = None) -> DPORun:
     """The policy (SFT adapter, trainable), the pre-flight token budget, our collator and TRL's trainer."""
     from datasets import Dataset
@@ -204,8 +226,7 @@ def build_dpo_trainer(params: DPOParams, callbacks: list[Any] | None = None) -> 
     from bvip_helpers.nb import seed_everything
 
     seed_everything(params.seed)
-    if params.max_steps == 0:
-        raise ValueError("--max_steps 0 would save the SFT adapter unchanged; pass a positive number or -1 (epochs)")
+    check_params(params)
     pairs = read_pairs(params.train_pairs)
     model, processor, spec = load_policy(params)
     image_root = resolve(params.image_root)
@@ -225,6 +246,9 @@ def train_dpo(params: DPOParams, callbacks: list[Any] | None = None) -> DPOResul
     """One DPO run end to end (see the module docstring for what lands in ``output_dir``)."""
     from bvip_helpers import sft
 
+    check_params(params)
+    resume_from = sft.prepare_output_dir(params, outputs=RUN_OUTPUTS, derived=DERIVED_OUTPUTS, markers=RUN_MARKERS,
+                                         kind="DPO")  # before any loading: a refusal costs nothing
     run = build_dpo_trainer(params, callbacks)
     trainer, output_dir = run.trainer, params.resolved_output_dir()
     main = trainer.is_world_process_zero()
@@ -232,7 +256,7 @@ def train_dpo(params: DPOParams, callbacks: list[Any] | None = None) -> DPOResul
         print(sft.format_budget(run.budget))
         print(f"dpo: {len(run.pairs)} pairs, beta {params.beta}, loss {params.loss_type}, reference = the SFT adapter")
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=sft._resume_checkpoint(params))
+    trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
     history = trainer.state.log_history
     result = DPOResult(

@@ -542,16 +542,19 @@ def _resume_checkpoint(params: SFTParams) -> str | None:
     return None
 
 
-def prepare_output_dir(params: SFTParams) -> str | None:
+def prepare_output_dir(params: Any, *, outputs: tuple[str, ...] = RUN_OUTPUTS,
+                       derived: tuple[str, ...] = DERIVED_OUTPUTS, markers: tuple[str, ...] = _RUN_MARKERS,
+                       kind: str = "SFT") -> str | None:
     """Refuse to train over an earlier run unless asked; returns the checkpoint to resume from, if any.
 
-    ``overwrite`` deletes the earlier run's :data:`RUN_OUTPUTS`; ``resume`` deletes only its
-    :data:`DERIVED_OUTPUTS` (the resumed run writes them again). See the module docstring.
+    ``overwrite`` deletes the earlier run's ``outputs`` (:data:`RUN_OUTPUTS`); ``resume`` deletes only its
+    ``derived`` ones (:data:`DERIVED_OUTPUTS`; the resumed run writes them again). See the module docstring.
+    ``params`` needs ``overwrite``, ``resume`` and ``resolved_output_dir()`` (SFT and DPO parameters have them).
     """
     output_dir = params.resolved_output_dir()
-    earlier = _present(output_dir, _RUN_MARKERS)
+    earlier = _present(output_dir, markers)
     if params.overwrite:
-        _remove(_present(output_dir, RUN_OUTPUTS), f"--overwrite: the earlier run in {output_dir}")
+        _remove(_present(output_dir, outputs), f"--overwrite: the earlier run in {output_dir}")
         return None
     if params.resume:
         checkpoint = _resume_checkpoint(params)
@@ -560,13 +563,13 @@ def prepare_output_dir(params: SFTParams) -> str | None:
                              f"({', '.join(p.name for p in earlier[:5])}) but no complete checkpoint to resume from; "
                              "pass --overwrite true to train it again, or another --output_dir")
         if checkpoint is not None:
-            _remove(_present(output_dir, DERIVED_OUTPUTS), f"--resume: the results of the earlier end of {output_dir}")
+            _remove(_present(output_dir, derived), f"--resume: the results of the earlier end of {output_dir}")
         return checkpoint
     if earlier:
-        raise ValueError(f"{output_dir} already holds an SFT run ({', '.join(p.name for p in earlier[:5])}); a new one "
-                         "would replace its adapter while its merged/, eval_val.json and preds_val.jsonl describe the "
-                         "old model. Pass --resume auto to continue it, --overwrite true to delete it and train "
-                         "again, or another --output_dir")
+        raise ValueError(f"{output_dir} already holds an earlier {kind} run ({', '.join(p.name for p in earlier[:5])}); "
+                         "a new one would replace its adapter while its results (merged/, eval_val.json, preds_*.jsonl) "
+                         "describe the old model. Pass --resume auto to continue it, --overwrite true to delete it and "
+                         "train again, or another --output_dir")
     return None
 
 

@@ -585,7 +585,7 @@ CASES = {
     "build-unwritable-out-dir": Case(build_unwritable_out_dir, 2, r"cannot write into --out_dir .*a_file"),
     "build-missing-image-root": Case(build_missing_image_root, 2, r"--image_root .*no_such_root does not exist"),
     # item 3: a finished output_dir is refused unless resumed or overwritten; an overwrite clears it
-    "sft-into-a-finished-output-dir": Case(sft_into_finished_run, 2, r"already holds an SFT run.*--resume auto.*"
+    "sft-into-a-finished-output-dir": Case(sft_into_finished_run, 2, r"already holds an earlier SFT run.*--resume auto.*"
                                            r"--overwrite true", check_finished_run_untouched),
     "sft-overwrite-clears-the-earlier-run": pytest.param(
         Case(lambda e: sft_into_finished_run(e, "--overwrite", "true"), 0, r"--overwrite: the earlier run .*deleted",
