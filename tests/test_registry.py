@@ -36,7 +36,7 @@ def test_trainer_and_prompt_rules():
         assert spec.trainer == expected, spec.name
         assert spec.prompt_style in ("chat", "prefix", "none")
         assert (spec.task_prefix is not None) == (spec.prompt_style == "prefix"), spec.name
-        assert set(spec.recipes) == {"16gb", "80gb"} and not spec.trust_remote_code_needed
+        assert set(spec.recipes) == {"16gb", "24gb", "80gb"} and not spec.trust_remote_code_needed
         assert spec.licence and not spec.is_local
     assert MODELS["paligemma2-3b"].task_prefix == "caption en"
     assert MODELS["paligemma2-3b"].hub_id == "google/paligemma2-3b-pt-224"
