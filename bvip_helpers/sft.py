@@ -453,10 +453,7 @@ def _training_args(params: SFTParams, output_dir: Path, kind: str) -> Any:
         save_strategy="steps" if params.save_steps > 0 else "no",
         save_steps=params.save_steps if params.save_steps > 0 else 500, save_total_limit=params.save_total_limit,
         remove_unused_columns=False, dataloader_num_workers=params.num_workers,
-        gradient_checkpointing=params.gradient_checkpointing,
-        # non-reentrant checkpointing needs no input that requires grad, and works with frozen embeddings
-        gradient_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
-        use_cpu=device == "cpu", **precision, disable_tqdm=False,
+        use_cpu=device == "cpu", **precision, disable_tqdm=False, **_checkpointing_args(params.gradient_checkpointing),
     )
     if kind == "trl_sft":
         from trl import SFTConfig
@@ -466,6 +463,16 @@ def _training_args(params: SFTParams, output_dir: Path, kind: str) -> Any:
     from transformers import TrainingArguments
 
     return TrainingArguments(**common)
+
+
+def _checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """Gradient (activation) checkpointing, non-reentrant: it needs no input that requires grad and works with
+    frozen embeddings. transformers 5 renamed the arguments to ``activation_checkpointing*``."""
+    from transformers import TrainingArguments
+
+    name = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+            else "gradient_checkpointing")
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 class _ProcessorBesideCheckpoints:
