@@ -743,6 +743,14 @@ def _is_4bit(model: Any) -> bool:
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(getattr(base, "hf_quantizer", None), "quantization_config", None))
 
 
+def _four_bit_compute_dtype(model: Any) -> str:
+    """The compute dtype a 4-bit base was loaded with (``bf16`` / ``fp16``), which the 16-bit merge reuses."""
+    config = getattr(model.get_base_model().config, "quantization_config", None)
+    value = config.get("bnb_4bit_compute_dtype") if isinstance(config, dict) else getattr(
+        config, "bnb_4bit_compute_dtype", None)
+    return devices.short_dtype(value or model.dtype)
+
+
 def merge_and_check(params: SFTParams, spec: Any, model: Any, processor: Any, val_records: list[dict[str, Any]],
                     output_dir: Path) -> tuple[str, dict[str, Any]]:
     """Merge LoRA into the base, save ``merged/``, reload it and compare greedy captions with the adapter's.
@@ -765,13 +773,12 @@ def merge_and_check(params: SFTParams, spec: Any, model: Any, processor: Any, va
     images = [families.load_record_image(image_root, r) for r in records]
     prompts = [r["prompt"] for r in records]
     device = next(model.parameters()).device
-    compute_dtype = devices.short_dtype(getattr(model, "dtype", torch.float32))
     with torch.no_grad():
         trained_texts = families.generate_captions(model, processor, spec, images, prompts, params.max_new_tokens)
     check: dict[str, Any] = {"samples": len(records), "device": str(device)}
-    if _is_4bit(model):
-        compute_dtype = devices.short_dtype(model.get_base_model().config.quantization_config.bnb_4bit_compute_dtype)
-        base, _ = load_model_and_processor(spec, device=device.type, dtype=compute_dtype)
+    four_bit = _is_4bit(model)
+    if four_bit:
+        base, _ = load_model_and_processor(spec, device=device.type, dtype=_four_bit_compute_dtype(model))
         reference = PeftModel.from_pretrained(base, str(output_dir), is_trainable=False).eval()
         with torch.no_grad():
             reference_texts = families.generate_captions(reference, processor, spec, images, prompts,
@@ -787,6 +794,8 @@ def merge_and_check(params: SFTParams, spec: Any, model: Any, processor: Any, va
     _copy_twin_meta(spec, merged_dir)
     merged_cls, merged_dtype = type(merged), merged.dtype
     del merged
+    if four_bit:
+        del reference, base  # the 16-bit copy: free it before the merged one loads
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
