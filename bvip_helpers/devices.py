@@ -67,7 +67,7 @@ def resolve_device(device: str = "auto") -> str:
         return "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
         raise DevicePolicyError("device 'cuda' was asked for but torch sees no CUDA GPU "
-                                f"(torch {torch.__version__}); use --device auto or cpu, or install a CUDA build of torch")
+                                f"(torch {torch.__version__}); use --device auto or cpu (a GPU needs an NVIDIA driver and a CUDA build of torch)")
     if choice == "mps" and not mps_available():
         raise DevicePolicyError("device 'mps' was asked for but this machine has no Apple MPS backend; use --device auto")
     return choice

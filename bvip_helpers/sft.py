@@ -251,7 +251,8 @@ LAYER_ACTIVATION_BYTES = 34
 CUDA_OVERHEAD_GIB = 0.8
 
 
-def estimate_step_memory(model: Any, params: SFTParams, budget: dict[str, Any]) -> dict[str, Any]:
+def estimate_step_memory(model: Any, params: SFTParams, budget: dict[str, Any],
+                         fused_lm_head: bool = False) -> dict[str, Any]:
     """The expected peak memory of one training step, in GiB: an **estimate**, not a measurement.
 
     ``weights + trainable state + activations + logits (+ CUDA overhead on a GPU)``, where
@@ -263,7 +264,7 @@ def estimate_step_memory(model: Any, params: SFTParams, budget: dict[str, Any]) 
       x bytes per activation x (``2 x layers + 34`` with gradient checkpointing: every layer's input is
       kept and one layer is recomputed at a time; ``34 x layers`` without);
     * logits: tokens x vocabulary x 10 bytes (16-bit logits, their fp32 copy for the loss and its
-      gradient; TRL's fused LM head on CUDA needs far less).
+      gradient); 0 with TRL's fused LM head (``fused_lm_head``), which never materialises them.
 
     The vision tower is frozen, so its activations are freed after the forward and not counted.
     """
@@ -279,21 +280,22 @@ def estimate_step_memory(model: Any, params: SFTParams, budget: dict[str, Any]) 
     state = trainable * OPTIMIZER_BYTES["8bit" if "8bit" in params.optim else "adamw"]
     per_token = (2 * layers + LAYER_ACTIVATION_BYTES) if params.gradient_checkpointing else LAYER_ACTIVATION_BYTES * layers
     activations = tokens * hidden * per_token * act_bytes // 2
-    logits = tokens * vocab * 10
+    logits = 0 if fused_lm_head else tokens * vocab * 10
     gib = 1024**3
     parts = {"weights_gib": weights / gib, "trainable_state_gib": state / gib, "activations_gib": activations / gib,
              "logits_gib": logits / gib, "overhead_gib": CUDA_OVERHEAD_GIB if device == "cuda" else 0.0}
-    return {"label": "estimate", "device": device, "tokens_per_micro_batch": tokens,
+    return {"label": "estimate", "device": device, "tokens_per_micro_batch": tokens, "fused_lm_head": fused_lm_head,
             "gradient_checkpointing": params.gradient_checkpointing, **{k: round(v, 3) for k, v in parts.items()},
             "total_gib": round(sum(parts.values()), 3)}
 
 
 def format_step_memory(memory: dict[str, Any]) -> str:
     checkpointing = "with" if memory["gradient_checkpointing"] else "without"
-    return (f"expected memory per step (an estimate, not measured; {memory['device']}): {memory['total_gib']:.1f} GiB = "
+    return (f"expected memory per step (an estimate, not measured; {memory['device']}): {memory['total_gib']:.2f} GiB = "
             f"weights {memory['weights_gib']:.2f} + optimizer state {memory['trainable_state_gib']:.2f} "
             f"+ activations {memory['activations_gib']:.2f} ({memory['tokens_per_micro_batch']} tokens, "
-            f"{checkpointing} gradient checkpointing) + logits {memory['logits_gib']:.2f}"
+            f"{checkpointing} gradient checkpointing) + logits "
+            + ("(fused LM head: not materialised)" if memory.get("fused_lm_head") else f"{memory['logits_gib']:.2f}")
             + (f" + CUDA overhead {memory['overhead_gib']:.1f}" if memory["overhead_gib"] else ""))
 
 
@@ -599,7 +601,8 @@ def train_sft(params: SFTParams, callbacks: list[Any] | None = None) -> SFTResul
 
     image_root = resolve(params.image_root)
     budget = token_budget(processor, spec, train_records + val_records, image_root, params.max_length)
-    budget["step_memory"] = estimate_step_memory(model, params, budget)
+    budget["step_memory"] = estimate_step_memory(model, params, budget,
+                                                 fused_lm_head=kind == "trl_sft" and use_fused_lm_head(params))
     trainer = build_trainer(params, spec, model, processor, train_records, callbacks)
     main = trainer.is_world_process_zero()
     if main:

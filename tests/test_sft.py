@@ -392,6 +392,7 @@ def test_step_memory_estimate_follows_its_formula(sample_data, twin_root):
     assert estimate["trainable_state_gib"] == pytest.approx(trainable * 12 / gib, abs=1e-3)
     assert estimate["activations_gib"] == pytest.approx(400 * h * 34 * layers * 2 / gib, abs=1e-3)  # fp32, no GC
     assert estimate["logits_gib"] == pytest.approx(400 * vocab * 10 / gib, abs=1e-3)
+    assert sft.estimate_step_memory(model, p, budget, fused_lm_head=True)["logits_gib"] == 0
     checkpointed = sft.estimate_step_memory(model, sft.replace(p, gradient_checkpointing=True), budget)
     assert checkpointed["activations_gib"] == pytest.approx(400 * h * (2 * layers + 34) * 2 / gib, abs=1e-3)
     line = sft.format_budget({"samples_checked": 1, "max_length": 1024, "step_memory": estimate,
