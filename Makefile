@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo demo-base test lint bench strip-notebooks
+.PHONY: venv demo demo-base test test-gpu lint bench strip-notebooks
 
 venv:
 	@bash scripts/setup_venv.sh
@@ -21,6 +21,11 @@ demo-base: venv
 test: venv lint
 	@bash scripts/setup_browser.sh
 	$(BIN)/python -m pytest tests notebooks --nbmake --nbmake-timeout=600 -q
+
+# The real-GPU path on tiny twins (tests/gpu; skipped without CUDA). scripts/gpu_check.sh also installs
+# bitsandbytes and writes the figures to $$OUT.
+test-gpu: venv
+	$(BIN)/python -m pytest tests/gpu -m gpu -q
 
 lint: venv
 	$(BIN)/ruff check bvip_helpers tests benchmarks notebooks

@@ -6,7 +6,9 @@
 - :mod:`bvip_helpers.evaluate`        seed-compatible and structured metrics, baselines
 - :mod:`bvip_helpers.caption_metrics` BLEU, METEOR, ROUGE-L, CIDEr, embedding similarity
 - :mod:`bvip_helpers.registry`        the model zoo and the one loader for all of it
-- :mod:`bvip_helpers.families`        how each model family wants its prompts, batches and labels
+- :mod:`bvip_helpers.devices`         the device and dtype policy (CUDA/MPS/CPU, bf16/fp16/fp32), recipes per GPU
+- :mod:`bvip_helpers.families`        how each model family wants its prompts, batches and labels (with the
+                                      published checkpoints' facts in ``configs/families/<family>.json``)
 - :mod:`bvip_helpers.sft`             supervised fine-tuning (LoRA, QLoRA, full)
 - :mod:`bvip_helpers.predict`         batched, resumable, optionally constrained generation
 - :mod:`bvip_helpers.constrained`     schema-constrained decoding of the mandatory fields

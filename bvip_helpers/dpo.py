@@ -87,6 +87,8 @@ class DPOParams:
     resume: str = _arg("", '"" (fresh), "auto" (latest complete checkpoint in output_dir) or a checkpoint folder')
     overwrite: bool = _arg(False, "train again into an output_dir that holds an earlier DPO run (its files are deleted)")
     example_cache_gb: float = _arg(2.0, "processed sequences kept in memory (0: none)")
+    device: str = _arg("auto", "auto (CUDA, else MPS, else CPU) | cuda | mps | cpu")
+    dtype: str = _arg("auto", "auto (bf16 from compute capability 8.0, fp16 below, fp32 on the CPU) | bf16 | fp16 | fp32")
 
     @property
     def model_slug(self) -> str:
@@ -168,21 +170,34 @@ def load_policy(params: DPOParams) -> tuple[Any, Any, Any]:
     if not params.adapter or not (resolve(params.adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter {params.adapter!r}: not a PEFT adapter folder; DPO starts from the SFT "
                                 "adapter (train it with notebook 03 or `bvip sft`)")
+    import torch
+
+    from bvip_helpers import devices
+
     spec = get_spec(params.model)
     _check_family(spec)
-    model, processor = load_model_and_processor(spec, adapter=resolve(params.adapter), trainable_adapter=True)
+    device = devices.resolve_device(params.device)
+    # 16-bit frozen weights on a GPU; the Trainer places them and autocasts (as for SFT)
+    model, processor = load_model_and_processor(spec, adapter=resolve(params.adapter), trainable_adapter=True,
+                                                device=device, dtype=devices.resolve_dtype(params.dtype, device),
+                                                place=False)
+    for parameter in model.parameters():  # what trains stays fp32 (the LoRA matrices, lm_head under modules_to_save)
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
     return model, processor, spec
 
 
 def _dpo_config(params: DPOParams, output_dir: Path) -> Any:
-    import torch
     from trl import DPOConfig
+
+    from bvip_helpers import devices
 
     losses = [t.strip() for t in params.loss_type.split(",") if t.strip()]
     weights = [float(w) for w in params.loss_weights.split(",") if w.strip()] or None
     if weights is not None and len(weights) != len(losses):
         raise ValueError(f"--loss_weights has {len(weights)} values for {len(losses)} loss types ({params.loss_type})")
-    cuda = torch.cuda.is_available()
+    device = devices.resolve_device(params.device)
+    precision = devices.mixed_precision_flags(devices.resolve_dtype(params.dtype, device), device)
     return DPOConfig(
         output_dir=str(output_dir), per_device_train_batch_size=params.batch_size,
         gradient_accumulation_steps=params.grad_accum, learning_rate=params.lr, num_train_epochs=params.epochs,
@@ -190,8 +205,8 @@ def _dpo_config(params: DPOParams, output_dir: Path) -> Any:
         optim=params.optim, seed=params.seed, data_seed=params.seed, logging_steps=params.logging_steps,
         logging_first_step=True, report_to="none", save_strategy="steps" if params.save_steps > 0 else "no",
         save_steps=params.save_steps if params.save_steps > 0 else 500, save_total_limit=params.save_total_limit,
-        remove_unused_columns=False, gradient_checkpointing=False, use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False, beta=params.beta, loss_type=losses,
+        remove_unused_columns=False, gradient_checkpointing=False, use_cpu=device == "cpu", **precision,
+        beta=params.beta, loss_type=losses,
         loss_weights=weights, max_length=None, precompute_ref_log_probs=False, disable_tqdm=False)
 
 
@@ -312,6 +327,8 @@ def score_pairs(model: Any, processor: Any, spec: Any, pairs: Sequence[Mapping[s
                                              [p["chosen"] for p in batch] + [p["rejected"] for p in batch])
         labels = inputs.pop("labels").to(device)
         inputs = {k: v.to(device) for k, v in inputs.items()}
+        if inputs.get("pixel_values") is not None and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         with torch.no_grad():
             logits = model(**inputs, use_cache=False).logits[:, :-1].float()
         targets = labels[:, 1:]
@@ -369,7 +386,8 @@ def image_reliance(pairs: Sequence[Mapping[str, Any]], scores: Mapping[str, Sequ
     return out
 
 
-def load_scoring_model(model: str, adapters: Mapping[str, str | Path]) -> tuple[Any, Any, Any, Callable[[str], None]]:
+def load_scoring_model(model: str, adapters: Mapping[str, str | Path], *, device: str = "auto",
+                       dtype: str = "auto") -> tuple[Any, Any, Any, Callable[[str], None]]:
     """One base model with several adapters (e.g. ``{"sft": ..., "dpo": ...}``) and a function that switches
     between them: two models scored without two copies of the base weights."""
     from peft import PeftModel
@@ -378,7 +396,7 @@ def load_scoring_model(model: str, adapters: Mapping[str, str | Path]) -> tuple[
 
     spec = get_spec(model)
     names = list(adapters)
-    base, processor = load_model_and_processor(spec)
+    base, processor = load_model_and_processor(spec, device=device, dtype=dtype)
     peft_model = PeftModel.from_pretrained(base, str(resolve(adapters[names[0]])), adapter_name=names[0],
                                            is_trainable=False)
     for name in names[1:]:

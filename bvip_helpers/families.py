@@ -11,6 +11,11 @@ both and the model never sees at inference a prompt it was not trained on.
   response is tokenized on its own and appended, so the boundary is exact.
 * :func:`generation_inputs` / :func:`decode_generated` -- left-padded, batched prompts and
   the generated text with the prompt stripped.
+* :func:`family_config` -- the facts of each family's published checkpoint (chat template, special
+  tokens, end-of-turn token, image-processor settings), one data file per family in
+  ``bvip_helpers/configs/families/``, each naming its source. :func:`assistant_text` renders the
+  assistant turn exactly as the checkpoint's chat template does, ended by its end-of-turn token
+  (:func:`end_token`), and generation stops on that token (:func:`stop_token_ids`).
 
 Family rules (the ``family`` of a registry :class:`ModelSpec`):
 
@@ -26,10 +31,13 @@ Family rules (the ``family`` of a registry :class:`ModelSpec`):
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 from bvip_helpers.io import load_image, safe_image_path
@@ -41,6 +49,29 @@ ENCODER_DECODER_FAMILIES = frozenset({"florence2"})
 CAPTION_ONLY_FAMILIES = frozenset({"blip"})
 #: families whose attention depends on token_type_ids (bidirectional prefix, causal suffix).
 PREFIX_LM_FAMILIES = frozenset({"paligemma"})
+#: one JSON file of published-checkpoint facts per family (see :func:`family_config`).
+FAMILY_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "families"
+
+
+# --- Facts of the published checkpoints ----------------------------------------
+
+
+@cache
+def _read_family_config(family: str) -> dict[str, Any]:
+    path = FAMILY_CONFIG_DIR / f"{family}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in FAMILY_CONFIG_DIR.glob("*.json")))
+        raise KeyError(f"no checkpoint facts for family {family!r} in {FAMILY_CONFIG_DIR} (known: {known})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); fix the file") from err
+
+
+def family_config(family: str) -> dict[str, Any]:
+    """The published checkpoint's facts for ``family`` (a copy): ``checkpoint``, ``source``,
+    ``chat_template``, ``special_tokens``, ``end_of_turn``, ``generation_eos``, ``image_processor``..."""
+    return json.loads(json.dumps(_read_family_config(family)))
 
 
 # --- Records ----------------------------------------------------------------
@@ -101,8 +132,7 @@ def format_prompt(processor: Any, spec: Any, prompt: str) -> str:
     style = prompt_style(spec)
     prefix = getattr(spec, "task_prefix", "") or ""
     if style == "chat":
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return processor.apply_chat_template(_chat_messages(prompt), tokenize=False, add_generation_prompt=True)
     if style == "prefix":
         # PaliGemma ("caption en") and Florence-2 (a task token, which must stand alone) keep
         # their native task prompt; the long instruction is written for chat models.
@@ -114,12 +144,69 @@ def _tokenizer(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
 
 
-def end_token(processor: Any) -> str:
-    """The token that ends a response: the tokenizer's EOS (for chat models the end-of-turn token)."""
+def end_token(processor: Any, spec: Any = None) -> str:
+    """The token that ends a response: the end-of-turn token of the family's chat template.
+
+    That is not always the tokenizer's EOS: a SmolVLM/Idefics3 turn ends with ``<end_of_utterance>``,
+    which a tokenizer may not name as its EOS. The family's facts (:func:`family_config`) say which
+    token it is; a tokenizer without it (an unknown local checkpoint) falls back to its EOS.
+    """
     tok = _tokenizer(processor)
+    family = getattr(spec, "family", None)
+    if family:
+        token = family_config(family).get("end_of_turn")
+        if token and _known_token(tok, token):
+            return token
     if tok.eos_token is None:
         raise ValueError(f"{type(tok).__name__} has no eos_token; set one so the model learns to stop")
     return tok.eos_token
+
+
+def _known_token(tok: Any, token: str) -> bool:
+    """True when ``token`` is one token of ``tok``'s vocabulary (not mapped to its unknown token)."""
+    token_id = tok.convert_tokens_to_ids(token)
+    return token_id is not None and (token_id != tok.unk_token_id or token == tok.unk_token)
+
+
+def _chat_messages(prompt: str, response: str | None = None) -> list[dict[str, Any]]:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    if response is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
+    return messages
+
+
+def assistant_text(processor: Any, spec: Any, prompt: str, response: str) -> str:
+    """What the model is trained to write after the generation prompt: the assistant turn exactly as
+    the family's chat template renders it, up to and including its end-of-turn token.
+
+    The template is rendered with and without the answer; the text between the generation prompt and
+    the response (SmolVLM's and Janus's ``Assistant:`` are followed by a space in the rendered turn) and
+    after it (up to the end-of-turn token) is kept. A template that closes a turn only when another
+    follows (DeepSeek-VL, Janus) gets its end-of-turn token appended. Where the template's own
+    generation prompt differs from its rendered turn header (LLaVA-OneVision writes
+    ``<|im_start|>assistant \n`` in a turn but ``<|im_start|>assistant\n`` as the prompt), the model
+    learns what follows the prompt it will really be given: the response and the end token.
+    Prefix and caption-only families train on ``response + end token``.
+    """
+    end = end_token(processor, spec)
+    if prompt_style(spec) != "chat":
+        return response + end
+    user_turn = processor.apply_chat_template(_chat_messages(prompt), tokenize=False)
+    generation_prompt = format_prompt(processor, spec, prompt)
+    full = processor.apply_chat_template(_chat_messages(prompt, response), tokenize=False)
+    if not (full.startswith(user_turn) and generation_prompt.startswith(user_turn)):
+        raise ValueError(f"{getattr(spec, 'family', '?')}: the chat template renders the user turn differently "
+                         "with and without the answer; cannot tell where the assistant turn starts")
+    header = generation_prompt[len(user_turn):]
+    turn = full[len(user_turn):]
+    at = turn.find(response)
+    if at < 0:
+        raise ValueError(f"{getattr(spec, 'family', '?')}: the chat template rewrites the response text "
+                         f"(leading or trailing whitespace?): {response[:80]!r}")
+    lead, tail = turn[:at], turn[at + len(response):]
+    extra = lead[len(header):] if lead.startswith(header) else ""
+    tail = tail[: tail.index(end) + len(end)] if end in tail else tail.rstrip() + end
+    return extra + response + tail
 
 
 @contextmanager
@@ -200,17 +287,42 @@ def collate_encoded(processor: Any, spec: Any, examples: Sequence[EncodedExample
 
     Image tensors are concatenated along their first axis, which is how the processors batch one
     image per sample (stacked for fixed-size images, flattened patches plus grids for Qwen2-VL).
+    Where the examples differ in a later axis (SmolVLM/Idefics3 split an image into a number of tiles
+    that depends on its aspect ratio; LLaVA-OneVision's anyres patches) they are zero-padded to the
+    batch's largest, as the processors themselves pad a batch (:func:`pad_and_concat`).
     """
-    import torch
-
     per_token = {"input_ids", "attention_mask", "labels", *examples[0].row.extras}
     first = examples[0].inputs
-    enc = {k: (torch.cat([e.inputs[k] for e in examples]) if k not in per_token else v) for k, v in first.items()}
+    enc = {k: (pad_and_concat([e.inputs[k] for e in examples]) if k not in per_token else v) for k, v in first.items()}
     return _pad_causal(processor, spec, [e.row for e in examples], enc, max_length)
 
 
-def _response_ids(processor: Any, response: str) -> list[int]:
-    return _tokenizer(processor)(response + end_token(processor), add_special_tokens=False)["input_ids"]
+def pad_and_concat(tensors: Sequence[Any]) -> Any:
+    """Concatenate along axis 0, zero-padding every later axis to the largest size in the batch.
+
+    Zeros are what the SmolVLM/Idefics3 and LLaVA-OneVision processors pad with: the models drop
+    all-zero tiles (and ``pixel_attention_mask`` is 0 there), so a padded batch computes what the
+    processor's own batch computes.
+    """
+    import torch
+
+    shapes = {tuple(t.shape[1:]) for t in tensors}
+    if len(shapes) == 1:
+        return torch.cat(list(tensors))
+    if len({t.dim() for t in tensors}) != 1:
+        raise ValueError(f"cannot batch image tensors of ranks {sorted({t.dim() for t in tensors})}")
+    target = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        out = t.new_zeros((t.shape[0], *target))
+        out[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
+        padded.append(out)
+    return torch.cat(padded)
+
+
+def _response_ids(processor: Any, spec: Any, prompt: str, response: str) -> list[int]:
+    text = assistant_text(processor, spec, prompt, response)
+    return _tokenizer(processor)(text, add_special_tokens=False)["input_ids"]
 
 
 def _collate_causal(processor: Any, spec: Any, images: list[Any], prompts: list[str], responses: list[str],
@@ -238,8 +350,8 @@ def _causal_rows(processor: Any, spec: Any, images: list[Any], prompts: list[str
             enc = _call_processor(processor, texts, images)
         prompt_rows = _unpadded_rows(enc)
     rows = []
-    for row, response in zip(prompt_rows, responses, strict=True):
-        target = _response_ids(processor, response)
+    for row, prompt, response in zip(prompt_rows, prompts, responses, strict=True):
+        target = _response_ids(processor, spec, prompt, response)
         extras = {k: v + [1 if k == "token_type_ids" else 0] * len(target) for k, v in row.extras.items()}
         rows.append(_Row(row.ids + target, [IGNORE_INDEX] * len(row.ids) + target, extras))
     return rows, enc
@@ -273,7 +385,7 @@ def _collate_encoder_decoder(processor: Any, spec: Any, images: list[Any], promp
 
     texts = [format_prompt(processor, spec, p) for p in prompts]
     enc = _call_processor(processor, texts, images)
-    rows = [_Row(t, t, {}) for t in (_response_ids(processor, r) for r in responses)]
+    rows = [_Row(t, t, {}) for t in (_response_ids(processor, spec, p, r) for p, r in zip(prompts, responses, strict=True))]
     _check_length(rows, max_length, encoder_len=enc["input_ids"].shape[1])
     width = max(len(r.ids) for r in rows)
     batch = dict(enc)
@@ -404,6 +516,22 @@ def decode_generated(processor: Any, spec: Any, output_ids: Any, inputs: Any) ->
     return [t.strip() for t in texts]
 
 
+def stop_token_ids(processor: Any, spec: Any, model: Any = None) -> list[int]:
+    """The ids generation stops on: the family's end-of-turn token (what SFT trains the model to write),
+    then the model's own EOS ids, except those that decode to whitespace only.
+
+    BLIP-2's published config stops on OPT's newline token (50118), which ends a one-line caption;
+    a BVIP caption spans lines, so it would be cut after ``RoadVsSidewalk``.
+    """
+    tok = _tokenizer(processor)
+    ids = [tok.convert_tokens_to_ids(end_token(processor, spec))]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for token_id in [configured] if isinstance(configured, int) else list(configured or []):
+        if token_id not in ids and tok.decode([token_id]).strip():
+            ids.append(token_id)
+    return ids
+
+
 def generate_captions(model: Any, processor: Any, spec: Any, images: list[Any], prompts: list[str],
                       max_new_tokens: int = 96, **generate_kwargs: Any) -> list[str]:
     """Greedy captions for one batch (no sampling, so reruns agree)."""
@@ -415,6 +543,8 @@ def generate_captions(model: Any, processor: Any, spec: Any, images: list[Any], 
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     if getattr(model.generation_config, "pad_token_id", None) is None and getattr(spec, "family", "") != "blip":
         generate_kwargs.setdefault("pad_token_id", _pad_id(processor))  # silences the open-end warning
+    if getattr(spec, "family", "") != "blip":  # BLIP's generate() stops on its [SEP] by itself
+        generate_kwargs.setdefault("eos_token_id", stop_token_ids(processor, spec, model))
     # BLIP's generate() writes its BOS into input_ids in place; decode_generated needs the ids as they were.
     model_inputs = {k: v.clone() if k == "input_ids" else v for k, v in inputs.items()}
     with torch.no_grad():

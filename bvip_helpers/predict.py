@@ -106,12 +106,18 @@ class PredictStats:
                 f"({self.captions_per_second:.2f} captions/s) -> {self.out_path}")
 
 
-def load(model: Any, adapter: str | os.PathLike[str] | None = None, **kwargs: Any) -> LoadedModel:
-    """Resolve ``model`` (registry name, hub id, local dir or registry spec) and load it, plus a PEFT ``adapter``."""
+def load(model: Any, adapter: str | os.PathLike[str] | None = None, *, device: str = "auto", dtype: str = "auto",
+         **kwargs: Any) -> LoadedModel:
+    """Resolve ``model`` (registry name, hub id, local dir or registry spec) and load it, plus a PEFT ``adapter``.
+
+    ``device`` / ``dtype`` follow :mod:`bvip_helpers.devices`: by default the model runs on the GPU when
+    there is one (bf16 from compute capability 8.0, fp16 below), else on MPS or the CPU (fp32).
+    """
     from bvip_helpers.registry import get_spec, load_model_and_processor
 
     spec = get_spec(str(model) if isinstance(model, (str, os.PathLike)) else model)
-    loaded_model, processor = load_model_and_processor(spec, adapter=str(adapter) if adapter else None, **kwargs)
+    loaded_model, processor = load_model_and_processor(spec, adapter=str(adapter) if adapter else None,
+                                                       device=device, dtype=dtype, **kwargs)
     loaded_model.eval()
     return LoadedModel(loaded_model, processor, spec, name=str(getattr(spec, "name", model)),
                        adapter=str(adapter) if adapter else None)
@@ -403,6 +409,10 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
                              "or image, or another tool's file), move it to <out>.previous and start over "
                              "(default: refuse)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU) | cuda | mps | cpu (default: auto)")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 on compute capability 8.0 or more, fp16 on older GPUs such as the T4, fp32 on "
+                             "CPU and MPS) | bf16 | fp16 | fp32 (default: auto)")
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -429,12 +439,14 @@ def run_cli(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {args.out} is the --jsonl records file itself: the predictions would be "
                              "appended to the records; write them to another file")
         records = read_records(args.jsonl)
-        stats = predict(model, records, args.image_root, args.out, adapter=args.adapter,
+        loaded = load(model, args.adapter, device=args.device, dtype=args.dtype)
+        print(f"predict: {loaded.name} on {loaded.model.device}, {loaded.model.dtype}", file=sys.stderr)
+        stats = predict(loaded, records, args.image_root, args.out, adapter=args.adapter,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                         constrained=args.constrained, repair_relation_field=args.repair_relation, limit=args.limit,
                         skip_bad_images=args.skip_bad_images, restart_if_changed=args.restart_if_changed,
                         progress=not args.no_progress, max_image_pixels=args.max_image_pixels)
-    except (ImagePathError, JsonlError, OutputLockedError, ValueError) as err:
+    except (ImagePathError, JsonlError, OutputLockedError, ValueError) as err:  # a DevicePolicyError is a ValueError
         print(f"bvip predict: error: {err}", file=sys.stderr)
         return 2
     except UnknownModelError as err:

@@ -27,7 +27,11 @@ from bvip_helpers.io import resolve, write_text_atomic
 
 @dataclass(frozen=True)
 class Recipe:
-    """Batch settings that fit one GPU size (effective batch = per_device_batch_size * grad_accum)."""
+    """Batch settings that fit one GPU size (effective batch = per_device_batch_size * grad_accum).
+
+    ``bvip sft --recipe 16gb|24gb|80gb|auto`` applies them (:func:`bvip_helpers.sft.effective_params`);
+    every recipe assumes gradient checkpointing and a ``max_length`` of 1024 tokens.
+    """
 
     per_device_batch_size: int
     grad_accum: int
@@ -57,7 +61,7 @@ class ModelSpec:
     frozen_modules: tuple[str, ...]  # module-name prefixes kept frozen even in full fine-tuning
     image_budget: dict[str, Any] = field(default_factory=dict)  # image/video processor settings, see load_processor
     image_note: str = ""  # fixed input size etc., for people
-    recipes: dict[str, Recipe] = field(default_factory=dict)  # "16gb" / "80gb" / "cpu"
+    recipes: dict[str, Recipe] = field(default_factory=dict)  # "16gb" / "24gb" / "80gb" / "cpu"
     trust_remote_code_needed: bool = False
     exporter: str | None = None  # "internvl" | "openflamingo" | "mobilevlm" | "moondream"
     notes: str = ""
@@ -129,63 +133,65 @@ def _r(bs: int, ga: int, dtype: str, q4: bool = False) -> Recipe:
 
 def _hf(name: str, hub_id: str, family: str, model_class: str, processor_class: str, licence: str, *,
         prompt_style: str = "chat", task_prefix: str | None = None, image_budget: dict[str, Any] | None = None,
-        image_note: str = "", r16: Recipe, r80: Recipe, notes: str = "") -> ModelSpec:
+        image_note: str = "", r16: Recipe, r24: Recipe, r80: Recipe, notes: str = "") -> ModelSpec:
     return ModelSpec(
         name=name, hub_id=hub_id, family=family, model_class=model_class, processor_class=processor_class,
         licence=licence, prompt_style=prompt_style, task_prefix=task_prefix, trainer=_trainer(family),
         lora_target_modules=LORA_TARGETS[family], frozen_modules=FROZEN[family], image_budget=image_budget or {},
-        image_note=image_note, recipes={"16gb": r16, "80gb": r80}, notes=notes,
+        image_note=image_note, recipes={"16gb": r16, "24gb": r24, "80gb": r80}, notes=notes,
     )
 
 
 #: Qwen's min/max_pixels as transformers 5 spells them (256-640 visual tokens of 28x28 pixels).
 _QWEN_PIXELS = {"size": {"shortest_edge": 256 * 28 * 28, "longest_edge": 640 * 28 * 28}}
 
-# 16 GB recipes use fp16 because the common 16 GB card (Colab T4) has no bf16.
+# 16 GB recipes use fp16 because the common 16 GB card (Colab T4) has no bf16; 24 GB cards (L4, A10, RTX 3090/4090)
+# and 80 GB cards (A100, H100) have it. The 24 GB recipes load 2-3B models in 16 bit (LoRA), not in 4 bit.
 _HF_NATIVE: list[ModelSpec] = [
     _hf("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct", "qwen2-vl", "Qwen2VLForConditionalGeneration",
-        "Qwen2VLProcessor", "apache-2.0", image_budget=_QWEN_PIXELS, image_note="dynamic resolution; 256-640 visual tokens", r16=_r(1, 16, "fp16", True), r80=_r(8, 2, "bf16"),
-        notes="HF-first baseline; TRL cookbook recipe."),
+        "Qwen2VLProcessor", "apache-2.0", image_budget=_QWEN_PIXELS, image_note="dynamic resolution; 256-640 visual tokens", r16=_r(1, 16, "fp16", True),
+        r24=_r(4, 4, "bf16"), r80=_r(8, 2, "bf16"), notes="HF-first baseline; TRL cookbook recipe."),
     _hf("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration",
         "Qwen2_5_VLProcessor", "qwen-research (non-commercial)",
-        image_budget=_QWEN_PIXELS, image_note="dynamic resolution; 256-640 visual tokens", r16=_r(1, 16, "fp16", True), r80=_r(8, 2, "bf16"),
-        notes="Used by the DPO weak-to-strong seed pipeline."),
+        image_budget=_QWEN_PIXELS, image_note="dynamic resolution; 256-640 visual tokens", r16=_r(1, 16, "fp16", True),
+        r24=_r(2, 8, "bf16"), r80=_r(8, 2, "bf16"), notes="Used by the DPO weak-to-strong seed pipeline."),
     _hf("smolvlm2-2.2b", "HuggingFaceTB/SmolVLM2-2.2B-Instruct", "smolvlm", "SmolVLMForConditionalGeneration",
         "SmolVLMProcessor", "apache-2.0", image_budget={"size": {"longest_edge": 768}},
-        image_note="longest edge 768, split into 384 px tiles", r16=_r(1, 16, "fp16", True), r80=_r(8, 2, "bf16"),
-        notes="Model card: load, infer and fine-tune with Transformers."),
+        image_note="longest edge 768, split into 384 px tiles", r16=_r(1, 16, "fp16", True), r24=_r(2, 8, "bf16"),
+        r80=_r(8, 2, "bf16"), notes="Model card: load, infer and fine-tune with Transformers."),
     _hf("smolvlm-256m", "HuggingFaceTB/SmolVLM-256M-Instruct", "smolvlm", "Idefics3ForConditionalGeneration",
         "Idefics3Processor", "apache-2.0", image_budget={"size": {"longest_edge": 512}},
-        image_note="longest edge 512, 512 px tiles", r16=_r(8, 2, "fp16"), r80=_r(32, 1, "bf16"),
-        notes="Small real model; config is Idefics3 architecture."),
+        image_note="longest edge 512, 512 px tiles", r16=_r(8, 2, "fp16"), r24=_r(16, 1, "bf16"),
+        r80=_r(32, 1, "bf16"), notes="Small real model; config is Idefics3 architecture."),
     _hf("paligemma2-3b", "google/paligemma2-3b-pt-224", "paligemma", "PaliGemmaForConditionalGeneration",
         "PaliGemmaProcessor", "gemma (gated: accept on the hub)", prompt_style="prefix", task_prefix="caption en",
-        image_note="fixed 224x224 (256 image tokens)", r16=_r(2, 8, "fp16", True), r80=_r(16, 1, "bf16"),
-        notes="pt checkpoint is meant for fine-tuning; labels via processor(suffix=...)."),
+        image_note="fixed 224x224 (256 image tokens)", r16=_r(2, 8, "fp16", True), r24=_r(4, 4, "bf16"),
+        r80=_r(16, 1, "bf16"), notes="pt checkpoint is meant for fine-tuning; labels via processor(suffix=...)."),
     _hf("florence2-base", "florence-community/Florence-2-base", "florence2", "Florence2ForConditionalGeneration",
         "Florence2Processor", "mit", prompt_style="prefix", task_prefix="<MORE_DETAILED_CAPTION>",
-        image_note="fixed 768x768", r16=_r(8, 2, "fp16"), r80=_r(32, 1, "bf16"),
+        image_note="fixed 768x768", r16=_r(8, 2, "fp16"), r24=_r(16, 1, "bf16"), r80=_r(32, 1, "bf16"),
         notes="Native Transformers port (no remote code); encoder-decoder."),
     _hf("deepseek-vl-1.3b", "deepseek-community/deepseek-vl-1.3b-chat", "deepseek-vl",
         "DeepseekVLForConditionalGeneration", "DeepseekVLProcessor", "deepseek (model licence)",
-        image_note="fixed 384x384", r16=_r(2, 8, "fp16"), r80=_r(16, 1, "bf16"),
+        image_note="fixed 384x384", r16=_r(2, 8, "fp16"), r24=_r(8, 2, "bf16"), r80=_r(16, 1, "bf16"),
         notes="Converted checkpoint of deepseek-ai/deepseek-vl-1.3b-chat."),
     _hf("internvl3-1b", "OpenGVLab/InternVL3-1B-hf", "internvl", "InternVLForConditionalGeneration",
         "InternVLProcessor", "apache-2.0 (hub card of -hf lists qwen)", image_budget={"crop_to_patches": False},
         image_note="448 px thumbnail only (crop_to_patches=False) to bound tokens", r16=_r(2, 8, "fp16"),
-        r80=_r(16, 1, "bf16"), notes="Native class; InternVL2 original repo is the export-only route."),
+        r24=_r(8, 2, "bf16"), r80=_r(16, 1, "bf16"), notes="Native class; InternVL2 original repo is the export-only route."),
     _hf("janus-pro-1b", "deepseek-community/Janus-Pro-1B", "janus", "JanusForConditionalGeneration",
         "JanusProcessor", "mit (+ DeepSeek model licence)", image_note="fixed 384x384", r16=_r(2, 8, "fp16"),
-        r80=_r(16, 1, "bf16"), notes="Understanding head only; image generation modules stay frozen."),
+        r24=_r(8, 2, "bf16"), r80=_r(16, 1, "bf16"), notes="Understanding head only; image generation modules stay frozen."),
     _hf("blip-base", "Salesforce/blip-image-captioning-base", "blip", "BlipForConditionalGeneration",
         "BlipProcessor", "bsd-3-clause", prompt_style="none", image_note="fixed 384x384",
-        r16=_r(16, 1, "fp16"), r80=_r(64, 1, "bf16"), notes="Unconditional captioner; learns the schema as text."),
+        r16=_r(16, 1, "fp16"), r24=_r(32, 1, "bf16"), r80=_r(64, 1, "bf16"), notes="Unconditional captioner; learns the schema as text."),
     _hf("blip2-opt-2.7b", "Salesforce/blip2-opt-2.7b", "blip2", "Blip2ForConditionalGeneration",
         "Blip2Processor", "mit", prompt_style="none", image_note="fixed 224x224", r16=_r(2, 8, "fp16", True),
-        r80=_r(16, 1, "bf16"), notes="Q-Former + OPT-2.7B; LoRA on OPT."),
+        r24=_r(4, 4, "bf16"), r80=_r(16, 1, "bf16"), notes="Q-Former + OPT-2.7B; LoRA on OPT."),
     _hf("llava-onevision-0.5b", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "llava-onevision",
         "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor", "apache-2.0",
-        image_note="anyres up to 3x3 tiles of 384", r16=_r(2, 8, "fp16"), r80=_r(16, 1, "bf16"),
+        image_note="anyres up to 3x3 tiles of 384", r16=_r(2, 8, "fp16"), r24=_r(8, 2, "bf16"),
+        r80=_r(16, 1, "bf16"),
         notes="Qwen2-0.5B language model."),
 ]
 
@@ -321,18 +327,13 @@ def get_spec(name_or_path: str | os.PathLike[str] | ModelSpec) -> ModelSpec:
 
 # --- Loading ----------------------------------------------------------------
 
-_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-           "fp32": "float32", "float32": "float32", "auto": "auto"}
-
-
-def _torch_dtype(dtype: Any) -> Any:
-    import torch
-
-    if dtype is None or not isinstance(dtype, str):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-    return "auto" if dtype == "auto" else getattr(torch, _DTYPES[dtype])
+def four_bit_config_kwargs(compute_dtype: Any) -> dict[str, Any]:
+    """NF4 with double quantisation, computing in ``compute_dtype``: the model's own dtype, so the 4-bit
+    matmuls, the 16-bit layers and the Trainer's autocast all agree (never fp16 under a bf16 model)."""
+    if compute_dtype is None or isinstance(compute_dtype, str):
+        raise ValueError(f"the 4-bit compute dtype must be the model's torch dtype, not {compute_dtype!r}")
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": compute_dtype}
 
 
 def _four_bit_config(compute_dtype: Any) -> Any:
@@ -348,9 +349,24 @@ def _four_bit_config(compute_dtype: Any) -> Any:
         raise RuntimeError("load_in_4bit needs bitsandbytes: pip install 'bvip-helpers[gpu]' (or bitsandbytes)")
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype if compute_dtype not in (None, "auto")
-                              else torch.float16)
+    return BitsAndBytesConfig(**four_bit_config_kwargs(compute_dtype))
+
+
+def recipe_for(spec: ModelSpec | str, recipe: str) -> tuple[str, Recipe | None]:
+    """``(name, Recipe)`` for ``recipe`` = ``""`` (none), ``auto`` (from the GPU memory) or 16gb/24gb/80gb.
+
+    ``auto`` on a machine without CUDA gives no recipe (a tiny twin's CPU settings stay as they are).
+    """
+    from bvip_helpers.devices import resolve_recipe
+
+    spec = get_spec(spec)
+    name = resolve_recipe(recipe)
+    if not name:
+        return "", None
+    if name not in spec.recipes:
+        known = ", ".join(spec.recipes) or "none"
+        raise ValueError(f"{spec.name} has no {name} recipe (it has: {known}); drop --recipe or pick another model")
+    return name, spec.recipes[name]
 
 
 def model_source(spec: ModelSpec) -> str:
@@ -370,14 +386,22 @@ def model_source(spec: ModelSpec) -> str:
 
 
 def load_model_and_processor(spec: ModelSpec | str, *, adapter: str | os.PathLike[str] | None = None,
-                             load_in_4bit: bool = False, dtype: Any = None, device_map: Any = None,
-                             trust_remote_code: bool = False, trainable_adapter: bool = False) -> tuple[Any, Any]:
+                             load_in_4bit: bool = False, device: str = "cpu", dtype: Any = "auto",
+                             place: bool = True, trust_remote_code: bool = False,
+                             trainable_adapter: bool = False) -> tuple[Any, Any]:
     """Load weights (safetensors only) and the processor; optionally 4-bit and a PEFT adapter on top.
 
+    ``device`` and ``dtype`` follow :mod:`bvip_helpers.devices` (``device="auto"``: CUDA, else MPS, else
+    CPU; ``dtype="auto"``: bf16 from compute capability 8.0, fp16 on older GPUs, fp32 on the CPU). The
+    default ``device="cpu"`` keeps what every CPU caller always had: fp32 weights on the CPU.
+    ``place=False`` picks the dtype for ``device`` but leaves the weights on the CPU for a Trainer
+    (or DeepSpeed) to place; a 4-bit model is always placed, on this process's GPU (``LOCAL_RANK``).
     Tiny twins and local checkpoints go through the same ``from_pretrained`` calls as hub ids.
     ``trust_remote_code`` is never switched on by the registry: entries that need it are refused
     unless the caller passes ``trust_remote_code=True`` (export-only entries are always refused).
     """
+    from bvip_helpers import devices
+
     spec = get_spec(spec)
     if spec.is_export_only:
         route = f"`bvip export --format {spec.exporter}`" if spec.exporter else "its notes"
@@ -389,15 +413,14 @@ def load_model_and_processor(spec: ModelSpec | str, *, adapter: str | os.PathLik
 
     source = model_source(spec)
     model_cls = getattr(transformers, spec.model_class, None) or transformers.AutoModelForImageTextToText
-    torch_dtype = _torch_dtype(dtype)
-    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
-    if torch_dtype is not None:
-        kwargs["dtype"] = torch_dtype
+    where = devices.placement(device, dtype or "auto")
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code,
+                              "dtype": where.torch_dtype}
     if load_in_4bit:
-        kwargs["quantization_config"] = _four_bit_config(torch_dtype)
-        device_map = device_map or {"": 0}
-    if device_map is not None:
-        kwargs["device_map"] = device_map
+        kwargs["quantization_config"] = _four_bit_config(where.torch_dtype)
+        kwargs["device_map"] = devices.four_bit_device_map()
+    elif place and where.device_map is not None:
+        kwargs["device_map"] = where.device_map
     model = model_cls.from_pretrained(source, **kwargs)
     processor = load_processor(source, spec.image_budget, trust_remote_code=trust_remote_code)
     if spec.family == "blip":
@@ -459,7 +482,8 @@ def _load_adapter(model: Any, adapter_dir: Path, trainable: bool = False) -> Any
 
 # --- Table ------------------------------------------------------------------
 
-_TABLE_COLUMNS = ("name", "hub id", "family", "class", "trainer", "prompt", "licence", "16 GB", "80 GB", "remote code")
+_TABLE_COLUMNS = ("name", "hub id", "family", "class", "trainer", "prompt", "licence", "16 GB", "24 GB", "80 GB",
+                  "remote code")
 
 
 def _row(spec: ModelSpec) -> tuple[str, ...]:
@@ -467,9 +491,9 @@ def _row(spec: ModelSpec) -> tuple[str, ...]:
     trainer = spec.trainer if not spec.is_export_only else f"export ({spec.exporter or 'see notes'})"
     recipe = {k: (r.short() if r else "-") for k, r in spec.recipes.items()}
     r16 = recipe.get("16gb") or recipe.get("cpu", "-")
-    r80 = recipe.get("80gb", "-")
+    r24, r80 = recipe.get("24gb", "-"), recipe.get("80gb", "-")
     return (spec.name, spec.hub_id, spec.family or "-", spec.model_class, trainer, prompt, spec.licence,
-            r16, r80, "yes" if spec.trust_remote_code_needed else "no")
+            r16, r24, r80, "yes" if spec.trust_remote_code_needed else "no")
 
 
 def registry_table(markdown: bool = True) -> str:
@@ -491,8 +515,9 @@ def registry_table(markdown: bool = True) -> str:
         "Generated by `bvip models --markdown` from `bvip_helpers/registry.py`; do not edit by hand",
         "(`pytest tests/test_registry.py` fails when this file and the registry drift apart).",
         "",
-        "Recipes read `per_device_batch_size x grad_accum dtype [4-bit]`. 16 GB recipes use fp16 because the",
-        "common 16 GB card (T4) has no bf16. Tiny twins show their CPU recipe in the 16 GB column.",
+        "Recipes read `per_device_batch_size x grad_accum dtype [4-bit]`, all with gradient checkpointing;",
+        "`bvip sft --recipe auto|16gb|24gb|80gb` applies them (`docs/gpu.md`). 16 GB recipes use fp16 because",
+        "the common 16 GB card (T4) has no bf16. Tiny twins show their CPU recipe in the 16 GB column.",
         "",
         md(list(_TABLE_COLUMNS)),
         md(["---"] * len(_TABLE_COLUMNS)),

@@ -21,10 +21,15 @@ stay beside a new adapter and describe another model) unless ``resume`` continue
 *complete* checkpoint (one cut short by a kill is skipped, with a note), or ``overwrite`` deletes
 that run's files (:data:`RUN_OUTPUTS`, nothing else) and trains again.
 
+Device, dtype and batch follow :mod:`bvip_helpers.devices`: ``--device auto`` trains on CUDA when
+present, ``--dtype auto`` is bf16 from compute capability 8.0 and fp16 below (a T4), and
+``--recipe auto|16gb|24gb|80gb`` applies the registry's batch, accumulation, dtype, 4-bit and
+gradient-checkpointing settings for that GPU (:func:`effective_params`); flags you set win.
+
 Runs under ``accelerate launch`` (configs in ``bvip_helpers/configs/``)::
 
     accelerate launch --config_file bvip_helpers/configs/accelerate_ddp.yaml -m bvip_helpers sft \\
-        --model qwen2-vl-2b --data_dir data/bvpi_out --image_root data/synthetic
+        --model qwen2-vl-2b --data_dir data/bvpi_out --image_root data/synthetic --recipe auto
 """
 
 from __future__ import annotations
@@ -37,11 +42,11 @@ import statistics
 import sys
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from bvip_helpers import families
+from bvip_helpers import devices, families
 from bvip_helpers.io import (
     ANNOTATIONS_FILE,
     CAPTIONS_FILE,
@@ -52,7 +57,7 @@ from bvip_helpers.io import (
     resolve_cli_path,
     write_json,
 )
-from bvip_helpers.registry import TWIN_META_FILE, get_spec
+from bvip_helpers.registry import TWIN_META_FILE, get_spec, recipe_for
 
 METHODS = ("lora", "qlora", "full")
 
@@ -115,6 +120,15 @@ class SFTParams:
     example_cache_gb: float = _arg(2.0, "processed training examples kept in memory (see FamilyCollator); 0: none")
     trainer: str = _arg("", "force trl_sft or collator_trainer (default: the registry's choice for the family)")
     fused_lm_head: str = _arg("auto", "TRL's chunked LM-head loss: auto (on with CUDA) | on | off")
+    device: str = _arg("auto", "auto (CUDA, else MPS, else CPU) | cuda | mps | cpu")
+    dtype: str = _arg("auto", "auto (bf16 on compute capability 8.0 or more, fp16 on older GPUs such as the T4, "
+                              "fp32 on CPU and MPS) | bf16 | fp16 | fp32")
+    recipe: str = _arg("", "'' (none) | auto (from the GPU's memory) | 16gb | 24gb | 80gb: the registry's batch_size, "
+                           "grad_accum, dtype, 4-bit base (method qlora) and gradient_checkpointing for that GPU; "
+                           "every flag you set yourself wins over the recipe")
+    explicit: tuple[str, ...] = field(default=(), metadata={
+        "cli": False, "help": "settings the user set, which a recipe never overrides (the CLI fills it; "
+                              "empty: every setting that differs from its default)"})
 
     @property
     def model_slug(self) -> str:
@@ -243,7 +257,110 @@ def format_budget(budget: dict[str, Any]) -> str:
     for key in ("image_tokens", "prompt_tokens", "response_tokens", "total_tokens"):
         b = budget[key]
         lines.append(f"  {key:16s} min {b['min']:5}  median {b['median']:7.1f}  max {b['max']:5}")
+    if budget.get("step_memory"):
+        lines.append(format_step_memory(budget["step_memory"]))
     return "\n".join(lines)
+
+
+#: bytes per trainable parameter beside its weight: an fp32 gradient and AdamW's two fp32 moments.
+OPTIMIZER_BYTES = {"adamw": 4 + 8, "8bit": 4 + 2}
+#: activation bytes per token, per layer and per hidden unit of one transformer layer's forward in 16 bit
+#: (Korthikanti et al. 2022, "Reducing Activation Recomputation", with fused attention: no seq^2 term).
+LAYER_ACTIVATION_BYTES = 34
+#: the CUDA context and the allocator's reserve, roughly.
+CUDA_OVERHEAD_GIB = 0.8
+
+
+def estimate_step_memory(model: Any, params: SFTParams, budget: dict[str, Any],
+                         fused_lm_head: bool = False) -> dict[str, Any]:
+    """The expected peak memory of one training step, in GiB: an **estimate**, not a measurement.
+
+    ``weights + trainable state + activations + logits (+ CUDA overhead on a GPU)``, where
+
+    * weights: the bytes of the loaded parameters as they are (4-bit layers count their packed bytes);
+    * trainable state: trainable parameters x 12 bytes (fp32 gradient + AdamW's two fp32 moments;
+      6 bytes with an 8-bit optimizer);
+    * activations: tokens per micro-batch (``batch_size`` x the budget's longest sample) x hidden size
+      x bytes per activation x (``2 x layers + 34`` with gradient checkpointing: every layer's input is
+      kept and one layer is recomputed at a time; ``34 x layers`` without);
+    * logits: tokens x vocabulary x 10 bytes (16-bit logits, their fp32 copy for the loss and its
+      gradient); 0 with TRL's fused LM head (``fused_lm_head``), which never materialises them.
+
+    The vision tower is frozen, so its activations are freed after the forward and not counted.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0) or 0)
+    layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "decoder_layers", 0) or 0)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    device = devices.resolve_device(params.device)
+    act_bytes = 4 if devices.resolve_dtype(params.dtype, device) == "fp32" else 2
+    tokens = params.batch_size * int(budget["total_tokens"]["max"])
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    state = trainable * OPTIMIZER_BYTES["8bit" if "8bit" in params.optim else "adamw"]
+    per_token = (2 * layers + LAYER_ACTIVATION_BYTES) if params.gradient_checkpointing else LAYER_ACTIVATION_BYTES * layers
+    activations = tokens * hidden * per_token * act_bytes // 2
+    logits = 0 if fused_lm_head else tokens * vocab * 10
+    gib = 1024**3
+    parts = {"weights_gib": weights / gib, "trainable_state_gib": state / gib, "activations_gib": activations / gib,
+             "logits_gib": logits / gib, "overhead_gib": CUDA_OVERHEAD_GIB if device == "cuda" else 0.0}
+    return {"label": "estimate", "device": device, "tokens_per_micro_batch": tokens, "fused_lm_head": fused_lm_head,
+            "gradient_checkpointing": params.gradient_checkpointing, **{k: round(v, 3) for k, v in parts.items()},
+            "total_gib": round(sum(parts.values()), 3)}
+
+
+def format_step_memory(memory: dict[str, Any]) -> str:
+    checkpointing = "with" if memory["gradient_checkpointing"] else "without"
+    return (f"expected memory per step (an estimate, not measured; {memory['device']}): {memory['total_gib']:.2f} GiB = "
+            f"weights {memory['weights_gib']:.2f} + optimizer state {memory['trainable_state_gib']:.2f} "
+            f"+ activations {memory['activations_gib']:.2f} ({memory['tokens_per_micro_batch']} tokens, "
+            f"{checkpointing} gradient checkpointing) + logits "
+            + ("(fused LM head: not materialised)" if memory.get("fused_lm_head") else f"{memory['logits_gib']:.2f}")
+            + (f" + CUDA overhead {memory['overhead_gib']:.1f}" if memory["overhead_gib"] else ""))
+
+
+def _given(params: SFTParams) -> set[str]:
+    """The settings the user chose: the CLI's record, else every field that differs from its default."""
+    if params.explicit:
+        return set(params.explicit)
+    return {f.name for f in fields(SFTParams) if f.metadata.get("cli", True) and getattr(params, f.name) != f.default}
+
+
+def effective_params(params: SFTParams, spec: Any) -> SFTParams:
+    """``params`` with ``--recipe`` applied: batch, accumulation, dtype, 4-bit and gradient checkpointing of
+    the registry's recipe for this GPU, except the settings the user chose (which win).
+
+    ``recipe="auto"`` reads the GPU's memory (:func:`bvip_helpers.devices.recipe_for_memory`) and is
+    resolved to its name; without CUDA it applies nothing. A recipe's 4-bit base turns ``lora`` into
+    ``qlora``; a recipe's bf16 on a GPU below compute capability 8.0 becomes the policy's fp16.
+    """
+    name, recipe = recipe_for(spec, params.recipe)
+    if recipe is None:
+        return replace(params, recipe="") if params.recipe.lower() in ("auto", "none") else params
+    given = _given(params)
+    updates: dict[str, Any] = {"recipe": name}
+    if "batch_size" not in given:
+        updates["batch_size"] = recipe.per_device_batch_size
+    if "grad_accum" not in given:
+        updates["grad_accum"] = recipe.grad_accum
+    if "gradient_checkpointing" not in given:
+        updates["gradient_checkpointing"] = recipe.gradient_checkpointing
+    if "method" not in given and params.method == "lora" and recipe.load_in_4bit:
+        updates["method"] = "qlora"
+    if "dtype" not in given:
+        try:
+            updates["dtype"] = devices.resolve_dtype(recipe.dtype, params.device)
+        except devices.DevicePolicyError:
+            updates["dtype"] = "auto"  # e.g. a bf16 recipe on a 24 GB card below compute capability 8.0
+    return replace(params, **updates)
+
+
+def describe_recipe(params: SFTParams) -> str:
+    """One line saying what a recipe set (``params`` from :func:`effective_params`)."""
+    accum = f"{params.batch_size} x {params.grad_accum}"
+    checkpointing = "on" if params.gradient_checkpointing else "off"
+    return (f"sft: recipe {params.recipe}: batch {accum} per device, {params.method}, dtype {params.dtype}, "
+            f"gradient checkpointing {checkpointing} (flags you set win)")
 
 
 # --- Model ------------------------------------------------------------------
@@ -273,32 +390,65 @@ def _freeze(model: Any, prefixes: Any) -> int:
     return frozen
 
 
-def prepare_model(params: SFTParams, spec: Any) -> tuple[Any, Any]:
-    """Load the base model and processor and make the right parameters trainable."""
-    import torch
+def weights_dtype(params: SFTParams, device: str) -> str:
+    """The dtype the base loads in: the compute dtype for LoRA/QLoRA (the frozen base in 16 bit on a GPU),
+    fp32 for full fine-tuning (fp32 master weights; the Trainer's autocast computes in 16 bit)."""
+    return "fp32" if params.method == "full" else devices.resolve_dtype(params.dtype, device)
 
+
+def prepare_model(params: SFTParams, spec: Any) -> tuple[Any, Any]:
+    """Load the base model and processor and make the right parameters trainable.
+
+    The device and dtype follow :mod:`bvip_helpers.devices`; the weights stay on the CPU for the Trainer
+    to place (one copy per rank under ``accelerate launch``), except a 4-bit base, which loads onto this
+    process's GPU. The frozen base keeps its 16-bit dtype (vision tower and embeddings included: no fp32
+    upcast), while everything trained is fp32.
+    """
     from bvip_helpers.registry import load_model_and_processor
 
+    params = effective_params(params, spec)
     if params.method not in METHODS:
         raise ValueError(f"method {params.method!r}: choose one of {', '.join(METHODS)}")
-    if params.method == "qlora" and not torch.cuda.is_available():
+    device = devices.resolve_device(params.device)
+    if params.method == "qlora" and device != "cuda":
         raise RuntimeError("QLoRA loads the base model in 4 bit with bitsandbytes, which needs a CUDA GPU. "
                            "On CPU use --method lora (same adapter, full-precision base).")
-    model, processor = load_model_and_processor(spec, load_in_4bit=params.method == "qlora")
+    model, processor = load_model_and_processor(spec, load_in_4bit=params.method == "qlora", device=device,
+                                                dtype=weights_dtype(params, device), place=False)
     if params.method == "full":
         model.requires_grad_(True)
         if not params.train_vision:
             _freeze(model, getattr(spec, "frozen_modules", ()))
         return model, processor
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     if params.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
+        model = _prepare_4bit_base(model, params.gradient_checkpointing)
     config = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
                         target_modules=_target_modules(params, spec), bias="none",
                         modules_to_save=_module_names(params.lora_modules_to_save) or None)
     model = get_peft_model(model, config)  # freezes every base weight, vision tower and projector included
+    _trainable_in_fp32(model)
     return model, processor
+
+
+def _prepare_4bit_base(model: Any, gradient_checkpointing: bool) -> Any:
+    """What QLoRA needs from a 4-bit base, without ``peft.prepare_model_for_kbit_training``'s upcast of every
+    16-bit parameter (the frozen vision tower, the embeddings) to fp32, which costs gigabytes on a T4."""
+    model.requires_grad_(False)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    return model
+
+
+def _trainable_in_fp32(model: Any) -> None:
+    """Adapters and ``modules_to_save`` copies train in fp32 over a 16-bit base: fp16 mixed precision
+    refuses fp16 gradients, and bf16 weights lose small updates."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
 
 
 # --- Training ---------------------------------------------------------------
@@ -312,8 +462,10 @@ def _trainer_kind(params: SFTParams, spec: Any) -> str:
 
 
 def _training_args(params: SFTParams, output_dir: Path, kind: str) -> Any:
-    import torch
-
+    """The Trainer's arguments; the device and the mixed precision come from :mod:`bvip_helpers.devices`
+    (bf16 autocast from compute capability 8.0, fp16 with loss scaling below, none on the CPU)."""
+    device = devices.resolve_device(params.device)
+    precision = devices.mixed_precision_flags(devices.resolve_dtype(params.dtype, device), device)
     common: dict[str, Any] = dict(
         output_dir=str(output_dir), per_device_train_batch_size=params.batch_size,
         gradient_accumulation_steps=params.grad_accum, learning_rate=params.lr, num_train_epochs=params.epochs,
@@ -323,8 +475,7 @@ def _training_args(params: SFTParams, output_dir: Path, kind: str) -> Any:
         save_strategy="steps" if params.save_steps > 0 else "no",
         save_steps=params.save_steps if params.save_steps > 0 else 500, save_total_limit=params.save_total_limit,
         remove_unused_columns=False, dataloader_num_workers=params.num_workers,
-        gradient_checkpointing=params.gradient_checkpointing, use_cpu=not torch.cuda.is_available(),
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), disable_tqdm=False,
+        use_cpu=device == "cpu", **precision, disable_tqdm=False, **_checkpointing_args(params.gradient_checkpointing),
     )
     if kind == "trl_sft":
         from trl import SFTConfig
@@ -334,6 +485,16 @@ def _training_args(params: SFTParams, output_dir: Path, kind: str) -> Any:
     from transformers import TrainingArguments
 
     return TrainingArguments(**common)
+
+
+def _checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """Gradient (activation) checkpointing, non-reentrant: it needs no input that requires grad and works with
+    frozen embeddings. transformers 5 renamed the arguments to ``activation_checkpointing*``."""
+    from transformers import TrainingArguments
+
+    name = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+            else "gradient_checkpointing")
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 class _ProcessorBesideCheckpoints:
@@ -360,7 +521,9 @@ def use_fused_lm_head(params: SFTParams) -> bool:
     choice = params.fused_lm_head.lower()
     if choice not in {"auto", "on", "off"}:
         raise ValueError(f"fused_lm_head {params.fused_lm_head!r}: choose auto, on or off")
-    return torch.cuda.is_available() if choice == "auto" else choice == "on"
+    if choice == "auto":
+        return torch.cuda.is_available() and devices.resolve_device(params.device) == "cuda"
+    return choice == "on"
 
 
 def _sft_trainer(params: SFTParams) -> type:
@@ -412,6 +575,7 @@ def build_trainer(params: SFTParams, spec: Any, model: Any, processor: Any, trai
 
     kind = _trainer_kind(params, spec)
     output_dir = params.resolved_output_dir()
+    params = effective_params(params, spec)
     args = _training_args(params, output_dir, kind)
     collator = FamilyCollator(processor, spec, resolve(params.image_root), params.max_length,
                               cache_bytes=int(params.example_cache_gb * 1024**3))
@@ -582,6 +746,7 @@ def train_sft(params: SFTParams, callbacks: list[Any] | None = None) -> SFTResul
     resume_from = prepare_output_dir(params)  # before any loading: a refusal costs nothing
     seed_everything(params.seed)
     spec = get_spec(params.model)
+    params = effective_params(params, spec)  # --recipe: batch, accumulation, dtype, 4-bit, checkpointing
     kind = _trainer_kind(params, spec)
     train_records = load_split(params, "train")
     val_records = load_split(params, "val") if params.eval else []
@@ -589,9 +754,13 @@ def train_sft(params: SFTParams, callbacks: list[Any] | None = None) -> SFTResul
 
     image_root = resolve(params.image_root)
     budget = token_budget(processor, spec, train_records + val_records, image_root, params.max_length)
+    budget["step_memory"] = estimate_step_memory(model, params, budget,
+                                                 fused_lm_head=kind == "trl_sft" and use_fused_lm_head(params))
     trainer = build_trainer(params, spec, model, processor, train_records, callbacks)
     main = trainer.is_world_process_zero()
     if main:
+        if params.recipe:
+            print(describe_recipe(params))
         print(format_budget(budget))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if main:
@@ -712,36 +881,86 @@ def evaluate_val(params: SFTParams, spec: Any, model: Any, processor: Any, val_r
     return predictions, report
 
 
-def load_trained(model: str, adapter: str | os.PathLike[str] | None = None) -> tuple[Any, Any, Any]:
-    """(model, processor, spec) of a base model plus an optional SFT adapter folder, ready to generate."""
+def load_trained(model: str, adapter: str | os.PathLike[str] | None = None, *, device: str = "auto",
+                 dtype: str = "auto") -> tuple[Any, Any, Any]:
+    """(model, processor, spec) of a base model plus an optional SFT adapter folder, ready to generate
+    on ``device`` in ``dtype`` (the policy of :mod:`bvip_helpers.devices`: a GPU when there is one)."""
     from bvip_helpers.registry import load_model_and_processor
 
     spec = get_spec(model)
-    loaded, processor = load_model_and_processor(spec, adapter=str(resolve(adapter)) if adapter else None)
+    loaded, processor = load_model_and_processor(spec, adapter=str(resolve(adapter)) if adapter else None,
+                                                 device=device, dtype=dtype)
     return loaded.eval(), processor, spec
+
+
+def _is_4bit(model: Any) -> bool:
+    """True for a model (or a PEFT model over one) whose base was loaded in 4 bit."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(getattr(base, "hf_quantizer", None), "quantization_config", None))
+
+
+def _four_bit_compute_dtype(model: Any) -> str:
+    """The compute dtype a 4-bit base was loaded with (``bf16`` / ``fp16``), which the 16-bit merge reuses."""
+    config = getattr(model.get_base_model().config, "quantization_config", None)
+    value = config.get("bnb_4bit_compute_dtype") if isinstance(config, dict) else getattr(
+        config, "bnb_4bit_compute_dtype", None)
+    return devices.short_dtype(value or model.dtype)
 
 
 def merge_and_check(params: SFTParams, spec: Any, model: Any, processor: Any, val_records: list[dict[str, Any]],
                     output_dir: Path) -> tuple[str, dict[str, Any]]:
-    """Merge LoRA into the base, save ``merged/``, reload it and compare greedy captions with the adapter's."""
+    """Merge LoRA into the base, save ``merged/``, reload it and compare greedy captions with the adapter's.
+
+    Everything runs on the trained model's device, in its dtype. After QLoRA the adapter is never merged
+    into the 4-bit weights (that re-quantises them, losing the update's precision, and saves a 4-bit
+    ``merged/``): the base is reloaded in 16 bit, the saved adapter loaded on it and merged there, and the
+    check compares that 16-bit base + adapter with the reloaded merged model (``qlora_4bit`` keeps the
+    captions of the 4-bit model that was trained, for comparison).
+    """
+    import gc
+
     import torch
+    from peft import PeftModel
+
+    from bvip_helpers.registry import load_model_and_processor
 
     records = val_records[: params.merge_check_samples] or load_split(params, "train")[: params.merge_check_samples]
     image_root = resolve(params.image_root)
     images = [families.load_record_image(image_root, r) for r in records]
     prompts = [r["prompt"] for r in records]
+    device = next(model.parameters()).device
     with torch.no_grad():
-        adapter_texts = families.generate_captions(model, processor, spec, images, prompts, params.max_new_tokens)
-    merged = model.merge_and_unload()
+        trained_texts = families.generate_captions(model, processor, spec, images, prompts, params.max_new_tokens)
+    check: dict[str, Any] = {"samples": len(records), "device": str(device)}
+    four_bit = _is_4bit(model)
+    if four_bit:
+        base, _ = load_model_and_processor(spec, device=device.type, dtype=_four_bit_compute_dtype(model))
+        reference = PeftModel.from_pretrained(base, str(output_dir), is_trainable=False).eval()
+        with torch.no_grad():
+            reference_texts = families.generate_captions(reference, processor, spec, images, prompts,
+                                                         params.max_new_tokens)
+        check["qlora_4bit"] = trained_texts
+        merged = reference.merge_and_unload()
+    else:
+        reference_texts = trained_texts
+        merged = model.merge_and_unload()
     merged_dir = output_dir / "merged"
     merged.save_pretrained(merged_dir, safe_serialization=True)
     processor.save_pretrained(merged_dir)
     _copy_twin_meta(spec, merged_dir)
-    reloaded = type(merged).from_pretrained(merged_dir, use_safetensors=True)
+    merged_cls, merged_dtype = type(merged), merged.dtype
+    del merged
+    if four_bit:
+        del reference, base  # the 16-bit copy: free it before the merged one loads
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    reloaded = merged_cls.from_pretrained(merged_dir, use_safetensors=True, dtype=merged_dtype,
+                                          device_map=devices.device_map(device.type) if device.type != "cpu" else None)
     reloaded.eval()
     merged_texts = families.generate_captions(reloaded, processor, spec, images, prompts, params.max_new_tokens)
-    check = {"samples": len(records), "identical": adapter_texts == merged_texts,
-             "adapter": adapter_texts, "merged": merged_texts}
+    check.update({"dtype": devices.short_dtype(merged_dtype), "identical": reference_texts == merged_texts,
+                  "adapter": reference_texts, "merged": merged_texts})
     if not check["identical"]:
         print("sft: WARNING merged model and adapter generate different captions; see sft_result.json")
     return str(merged_dir), check
@@ -760,21 +979,32 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: use true or false (or 1/0, yes/no)")
 
 
+class _Given(argparse.Action):
+    """Store a flag's value and remember that the user gave it (a ``--recipe`` never overrides it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace._given = {*getattr(namespace, "_given", set()), self.dest}
+
+
 def configure_cli(parser: argparse.ArgumentParser) -> None:
     defaults = SFTParams()
     for f in fields(SFTParams):
+        if not f.metadata.get("cli", True):
+            continue
         default, help_text = getattr(defaults, f.name), f.metadata.get("help", "")
         if isinstance(default, bool):
-            parser.add_argument(f"--{f.name}", type=parse_bool, default=default, metavar="BOOL",
+            parser.add_argument(f"--{f.name}", type=parse_bool, default=default, metavar="BOOL", action=_Given,
                                 help=f"{help_text} (default {str(default).lower()})")
         else:
-            parser.add_argument(f"--{f.name}", type=type(default), default=default,
+            parser.add_argument(f"--{f.name}", type=type(default), default=default, action=_Given,
                                 help=f"{help_text} (default {default!r})")
 
 
 def params_from_cli(args: argparse.Namespace) -> SFTParams:
     """``SFTParams`` from parsed flags, with paths read from the current directory (as every Unix tool does)."""
-    values = {f.name: getattr(args, f.name) for f in fields(SFTParams)}
+    values = {f.name: getattr(args, f.name) for f in fields(SFTParams) if f.metadata.get("cli", True)}
+    values["explicit"] = tuple(sorted(getattr(args, "_given", ())))
     for f in fields(SFTParams):
         if f.metadata.get("path") and values[f.name]:
             values[f.name] = str(resolve_cli_path(values[f.name]))

@@ -36,7 +36,7 @@ def test_trainer_and_prompt_rules():
         assert spec.trainer == expected, spec.name
         assert spec.prompt_style in ("chat", "prefix", "none")
         assert (spec.task_prefix is not None) == (spec.prompt_style == "prefix"), spec.name
-        assert set(spec.recipes) == {"16gb", "80gb"} and not spec.trust_remote_code_needed
+        assert set(spec.recipes) == {"16gb", "24gb", "80gb"} and not spec.trust_remote_code_needed
         assert spec.licence and not spec.is_local
     assert MODELS["paligemma2-3b"].task_prefix == "caption en"
     assert MODELS["paligemma2-3b"].hub_id == "google/paligemma2-3b-pt-224"
@@ -266,3 +266,97 @@ def test_readme_links_the_model_table_instead_of_copying_it():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert "docs/models.md" in readme
     assert "| qwen2-vl-2b | Qwen/Qwen2-VL-2B-Instruct |" not in readme
+
+
+# --- The device and dtype policy reaches from_pretrained --------------------------
+
+
+def _capture_from_pretrained(monkeypatch, *, capability=None):
+    """Simulate a CUDA GPU (or none) and record what from_pretrained would be asked, without loading."""
+    import importlib.util
+
+    import torch
+    import transformers
+
+    calls: list[dict] = []
+
+    class FakeModel:
+        @classmethod
+        def from_pretrained(cls, source, **kwargs):
+            calls.append(kwargs)
+            return cls()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: capability is not None)
+    if capability is not None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "bitsandbytes" else real_find_spec(name, *a))
+    monkeypatch.setattr(transformers, "Qwen2VLForConditionalGeneration", FakeModel, raising=False)
+    monkeypatch.setattr(registry, "load_processor", lambda *a, **k: "processor")
+    return calls
+
+
+@pytest.mark.parametrize(("capability", "dtype"), [((7, 5), "float16"), ((8, 0), "bfloat16")])
+def test_qlora_computes_in_the_model_dtype_on_this_ranks_gpu(monkeypatch, capability, dtype):
+    import torch
+
+    calls = _capture_from_pretrained(monkeypatch, capability=capability)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second process of `accelerate launch --num_processes 2`
+    load_model_and_processor("qwen2-vl-2b", load_in_4bit=True, device="auto", place=False)
+    kwargs = calls[-1]
+    assert kwargs["dtype"] == getattr(torch, dtype)  # never dtype="auto" (bf16 for Qwen) under fp16 compute
+    config = kwargs["quantization_config"]
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert config.bnb_4bit_compute_dtype == kwargs["dtype"]
+    assert kwargs["device_map"] == {"": 1}  # not GPU 0 for every rank
+    assert kwargs["use_safetensors"] and not kwargs["trust_remote_code"]
+
+
+def test_inference_loads_onto_the_gpu_and_training_leaves_placement_to_the_trainer(monkeypatch):
+    import torch
+
+    calls = _capture_from_pretrained(monkeypatch, capability=(7, 5))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    load_model_and_processor("qwen2-vl-2b", device="auto")
+    assert calls[-1]["device_map"] == {"": 0} and calls[-1]["dtype"] == torch.float16
+    load_model_and_processor("qwen2-vl-2b", device="auto", place=False)  # LoRA/full: the Trainer places it
+    assert "device_map" not in calls[-1] and calls[-1]["dtype"] == torch.float16
+    load_model_and_processor("qwen2-vl-2b", device="cpu")
+    assert "device_map" not in calls[-1] and calls[-1]["dtype"] == torch.float32
+    with pytest.raises(ValueError, match="bf16 needs compute capability 8.0"):
+        load_model_and_processor("qwen2-vl-2b", device="cuda", dtype="bf16")
+
+
+def test_cpu_default_is_fp32_without_a_device_map(monkeypatch):
+    import torch
+
+    calls = _capture_from_pretrained(monkeypatch, capability=None)
+    load_model_and_processor("qwen2-vl-2b")
+    assert calls[-1]["dtype"] == torch.float32 and "device_map" not in calls[-1]
+
+
+def test_four_bit_config_kwargs_need_a_real_dtype():
+    import torch
+
+    assert registry.four_bit_config_kwargs(torch.bfloat16)["bnb_4bit_compute_dtype"] is torch.bfloat16
+    with pytest.raises(ValueError, match="compute dtype must be the model's torch dtype"):
+        registry.four_bit_config_kwargs("auto")
+
+
+def test_every_real_model_has_a_recipe_per_gpu_size(monkeypatch):
+    import torch
+
+    for spec in HF_NATIVE:
+        r16, r24, r80 = (spec.recipes[k] for k in ("16gb", "24gb", "80gb"))
+        assert r16.dtype == "fp16", f"{spec.name}: a 16 GB T4 has no bf16"
+        assert r24.dtype == r80.dtype == "bf16" and not r24.load_in_4bit and not r80.load_in_4bit
+        assert all(r.gradient_checkpointing for r in (r16, r24, r80))
+        effective = [r.per_device_batch_size * r.grad_accum for r in (r16, r24, r80)]
+        assert min(effective) >= 16, f"{spec.name}: every recipe keeps an effective batch of 16 or more"
+    assert registry.recipe_for("qwen2-vl-2b", "24gb") == ("24gb", MODELS["qwen2-vl-2b"].recipes["24gb"])
+    assert registry.recipe_for("qwen2-vl-2b", "") == ("", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert registry.recipe_for("qwen2-vl-2b", "auto") == ("", None)  # no GPU: no recipe
+    with pytest.raises(ValueError, match="tiny-qwen2-vl has no 16gb recipe"):
+        registry.recipe_for("tiny-qwen2-vl", "16gb")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
-from bvip_helpers import sft  # noqa: E402
+from bvip_helpers import families, sft  # noqa: E402
 from bvip_helpers.demo import twins  # noqa: E402
 from bvip_helpers.io import ANNOTATIONS_FILE, CAPTIONS_FILE  # noqa: E402
 from bvip_helpers.registry import get_spec  # noqa: E402
@@ -342,3 +343,175 @@ def test_resume_deletes_the_earlier_end_results_and_keeps_the_checkpoints(tmp_pa
     assert sorted(x.name for x in out.iterdir()) == ["adapter_model.safetensors", "checkpoint-2"]
     with pytest.raises(ValueError, match="only one of them"):
         sft.check_params(sft.SFTParams(resume="auto", overwrite=True))
+
+
+# --- Real checkpoints on a GPU: recipes, device policy, memory, tiles (issue 17) --------------------
+
+
+def _simulate_gpu(monkeypatch, capability=(8, 6), memory_gib=23.6):
+    props = type("Props", (), {"total_memory": int(memory_gib * 1024**3)})()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: props)
+
+
+def test_a_recipe_sets_batch_accumulation_dtype_4bit_and_checkpointing(monkeypatch):
+    _simulate_gpu(monkeypatch, capability=(8, 6), memory_gib=23.6)  # an L4 / A10 / RTX 3090
+    spec = get_spec("qwen2-vl-2b")
+    applied = sft.effective_params(sft.SFTParams(recipe="auto"), spec)
+    assert (applied.recipe, applied.batch_size, applied.grad_accum, applied.dtype, applied.method,
+            applied.gradient_checkpointing) == ("24gb", 4, 4, "bf16", "lora", True)
+    _simulate_gpu(monkeypatch, capability=(7, 5), memory_gib=14.7)  # Colab's T4
+    applied = sft.effective_params(sft.SFTParams(recipe="auto"), spec)
+    assert (applied.recipe, applied.batch_size, applied.grad_accum, applied.dtype, applied.method,
+            applied.gradient_checkpointing) == ("16gb", 1, 16, "fp16", "qlora", True)
+    # settings the user chose win over the recipe: a batch of 2 (differs from the default), and LoRA on a
+    # 16-bit base, which equals the default and so must be named (the CLI names every flag given)
+    assert sft.effective_params(sft.SFTParams(recipe="16gb", batch_size=2), spec).batch_size == 2
+    mine = sft.effective_params(sft.SFTParams(recipe="16gb", method="lora", explicit=("method",)), spec)
+    assert (mine.batch_size, mine.grad_accum, mine.method) == (1, 16, "lora")
+    # a bf16 recipe on a 24 GB card below compute capability 8.0 falls back to the policy's fp16
+    _simulate_gpu(monkeypatch, capability=(7, 5), memory_gib=23.6)  # Quadro RTX 6000 / Titan RTX
+    assert sft.effective_params(sft.SFTParams(recipe="24gb"), spec).dtype == "auto"
+    assert sft.effective_params(sft.SFTParams(), spec) == sft.SFTParams()  # no recipe: nothing changes
+
+
+def test_the_cli_records_the_flags_given_so_the_recipe_never_overrides_them(monkeypatch):
+    _simulate_gpu(monkeypatch, capability=(8, 0), memory_gib=79.2)
+    parser = argparse.ArgumentParser()
+    sft.configure_cli(parser)
+    args = parser.parse_args(["--model", "qwen2-vl-2b", "--recipe", "auto", "--batch_size", "4"])  # 4 = default
+    params = sft.params_from_cli(args)
+    assert set(params.explicit) == {"model", "recipe", "batch_size"}
+    applied = sft.effective_params(params, get_spec("qwen2-vl-2b"))
+    assert (applied.recipe, applied.batch_size, applied.grad_accum, applied.dtype) == ("80gb", 4, 2, "bf16")
+    assert "--explicit" not in parser.format_help() and "flag you set yourself wins" in parser.format_help()
+
+
+def test_recipe_without_a_gpu_and_on_a_twin(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    twin_spec = get_spec("tiny-qwen2-vl")
+    assert sft.effective_params(sft.SFTParams(recipe="auto"), twin_spec).recipe == ""  # CPU: nothing applied
+    with pytest.raises(ValueError, match="has no 16gb recipe"):
+        sft.effective_params(sft.SFTParams(recipe="16gb"), twin_spec)
+
+
+def test_training_arguments_follow_the_device_policy(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spec = get_spec("qwen2-vl-2b")
+    applied = sft.effective_params(sft.SFTParams(recipe="16gb"), spec)  # a T4 recipe asked for on a CPU
+    assert applied.dtype == "auto" and applied.method == "qlora"
+    args = sft._training_args(applied, tmp_path, "collator_trainer")
+    assert args.use_cpu and not args.bf16 and not args.fp16  # exactly what the CPU ran before
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (1, 16)
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    plain = sft._training_args(sft.SFTParams(), tmp_path, "collator_trainer")
+    assert not plain.gradient_checkpointing and plain.gradient_checkpointing_kwargs is None
+    assert sft.devices.mixed_precision_flags("fp16", "cuda") == {"bf16": False, "fp16": True}
+
+
+def test_step_memory_estimate_follows_its_formula(sample_data, twin_root):
+    model_dir = twin("qwen2-vl", twin_root, sample_data)
+    spec = get_spec(str(model_dir))
+    p = params(model_dir, sample_data, Path("unused"), batch_size=4)
+    model, _ = sft.prepare_model(p, spec)
+    budget = {"total_tokens": {"max": 100}}
+    estimate = sft.estimate_step_memory(model, p, budget)
+    config = model.config.get_text_config()
+    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
+    gib = 1024**3
+    assert estimate["label"] == "estimate" and estimate["tokens_per_micro_batch"] == 400
+    assert estimate["weights_gib"] == pytest.approx(sum(x.numel() * 4 for x in model.parameters()) / gib, abs=1e-3)
+    assert estimate["trainable_state_gib"] == pytest.approx(trainable * 12 / gib, abs=1e-3)
+    assert estimate["activations_gib"] == pytest.approx(400 * h * 34 * layers * 2 / gib, abs=1e-3)  # fp32, no GC
+    assert estimate["logits_gib"] == pytest.approx(400 * vocab * 10 / gib, abs=1e-3)
+    assert sft.estimate_step_memory(model, p, budget, fused_lm_head=True)["logits_gib"] == 0
+    checkpointed = sft.estimate_step_memory(model, sft.replace(p, gradient_checkpointing=True), budget)
+    assert checkpointed["activations_gib"] == pytest.approx(400 * h * (2 * layers + 34) * 2 / gib, abs=1e-3)
+    line = sft.format_budget({"samples_checked": 1, "max_length": 1024, "step_memory": estimate,
+                              **{k: {"min": 1, "median": 1, "max": 1} for k in
+                                 ("image_tokens", "prompt_tokens", "response_tokens", "total_tokens")}})
+    assert "expected memory per step (an estimate, not measured" in line
+
+
+def test_frozen_base_keeps_its_16bit_dtype_and_what_trains_is_fp32(sample_data, twin_root):
+    """bf16 on the CPU stands in for a GPU's 16-bit base: the vision tower stays 16-bit (no fp32 upcast)."""
+    model_dir = twin("qwen2-vl", twin_root, sample_data)
+    p = params(model_dir, sample_data, Path("unused"), device="cpu", dtype="bf16", lora_modules_to_save="lm_head")
+    model, _ = sft.prepare_model(p, get_spec(str(model_dir)))
+    trained = {n: w.dtype for n, w in model.named_parameters() if w.requires_grad}
+    frozen = {n: w.dtype for n, w in model.named_parameters() if not w.requires_grad}
+    assert trained and set(trained.values()) == {torch.float32}
+    assert any("lm_head" in n for n in trained)  # modules_to_save copies too (fp16 AMP refuses fp16 grads)
+    assert {frozen[n] for n in frozen if "visual" in n} == {torch.bfloat16}
+    assert not sft._is_4bit(model)
+
+
+def test_4bit_preparation_freezes_without_upcasting(sample_data, twin_root):
+    from bvip_helpers.registry import load_model_and_processor
+
+    model, _ = load_model_and_processor(get_spec(str(twin("qwen2-vl", twin_root, sample_data))), dtype="bf16")
+    sft._prepare_4bit_base(model, gradient_checkpointing=True)
+    assert not any(w.requires_grad for w in model.parameters())
+    assert {w.dtype for w in model.parameters()} == {torch.bfloat16}  # peft's helper would make these fp32
+
+
+def _photos(root: Path) -> list[dict]:
+    """Photos of three aspect ratios (SmolVLM splits them into different numbers of tiles)."""
+    from PIL import Image
+
+    records = []
+    for i, size in enumerate([(480, 640), (300, 800), (640, 480)]):
+        name = f"photo_{size[0]}x{size[1]}.jpg"
+        Image.new("RGB", size, (40 * i + 60, 120, 160)).save(root / name)
+        records.append({"image": name, "prompt": "Describe the scene.", "response": f"Sidewalk: left. {i}"})
+    return records
+
+
+def test_collator_batches_photos_whose_tile_counts_differ(sample_data, tmp_path_factory):
+    """The cached path pads a varying tile count (it used to torch.cat them and fail); cache on == off."""
+    from bvip_helpers.registry import load_model_and_processor
+
+    root = tmp_path_factory.mktemp("smolvlm_split")
+    model_dir = twins.build_tiny_model("smolvlm", root / "twin", data_dir=sample_data, seed=0, image_splitting=True)
+    spec = get_spec(str(model_dir))
+    model, processor = load_model_and_processor(spec)
+    assert processor.image_processor.do_image_splitting
+    images = root / "images"
+    images.mkdir()
+    records = _photos(images)
+    encoded = [families.encode_example(processor, spec, families.load_record_image(images, r), r["prompt"],
+                                       r["response"]) for r in records]
+    tiles = [e.inputs["pixel_values"].shape[1] for e in encoded]
+    assert len(set(tiles)) > 1, f"the photos should split into different tile counts, got {tiles}"
+    cached = sft.FamilyCollator(processor, spec, images, 4096)
+    uncached = sft.FamilyCollator(processor, spec, images, 4096, cache_bytes=0)
+    first, again, plain = cached(records), cached(records), uncached(records)
+    assert len(cached._encoded) == 3 and not uncached._encoded
+    assert first.keys() == plain.keys()
+    for key, value in plain.items():
+        assert torch.equal(first[key], value) and torch.equal(again[key], value), key
+    assert first["pixel_values"].shape[1] == max(tiles)
+    with torch.no_grad():
+        assert torch.isfinite(model(**first).loss)
+
+
+def test_deepspeed_zero_configs_are_valid_deepspeed_configs(tmp_path):
+    """ZeRO-2 and ZeRO-3 files, their "auto" values filled as the Trainer fills them, pass DeepSpeed's own
+    config class (the optional `deepspeed` extra; skipped where it is not installed)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                             use_cpu=True, report_to="none")
+    model = type("Model", (), {"config": type("Config", (), {"hidden_size": 1536})()})()
+    for stage in (2, 3):
+        hf = HfTrainerDeepSpeedConfig(str(REPO / "bvip_helpers" / "configs" / f"ds_zero{stage}.json"))
+        hf.trainer_config_process(args)
+        hf.trainer_config_finalize(args, model, num_training_steps=10)
+        config = DeepSpeedConfig(hf.config)
+        assert config.zero_optimization_stage == stage
+        assert (config.train_micro_batch_size_per_gpu, config.gradient_accumulation_steps) == (2, 4)

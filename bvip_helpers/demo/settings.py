@@ -58,20 +58,22 @@ def notebook_params(notebook: str) -> dict[str, Any]:
     far less than a real model, so it must move further in 1,000 steps; the output layer (``lm_head``) is
     trained in full beside LoRA because caption pre-training never taught its rows for the words only the
     BVIP format uses (``Nearby``, ``nothing``, ``RoadVsSidewalk``). Evaluation: the base and its adapter,
-    400 training images captioned again (under- or overfitting?). Error gallery: the zero-shot and SFT test
-    predictions of notebook 05.
+    400 training images captioned again (under- or overfitting?). Error gallery: the zero-shot, SFT and DPO test
+    predictions of notebook 05. Training and evaluation run on the CPU wherever they run (``device="cpu"``; the
+    notebooks' ``auto`` would pick CUDA or MPS), so the demo's numbers are the same on every machine.
     """
     key = notebook.removesuffix(".ipynb")
     if key == "03_sft":
         return {"model": TINY_BASE, "lr": 4e-3, "lora_r": 64, "lora_alpha": 64, "max_steps": 1000,
                 "batch_size": 16, "grad_accum": 1, "save_steps": 250, "lora_targets": TWIN_LORA_TARGETS,
                 "lora_modules_to_save": "lm_head", "train_file": copy_paste_train_file(), "example_cache_gb": 4.0,
-                "cpu_threads": BASE["threads"]}
+                "cpu_threads": BASE["threads"], "device": "cpu"}
     if key == "04_dpo":
-        return {"model": TINY_BASE, "sft_adapter": f"runs/{TINY_BASE}/sft", **DPO, "cpu_threads": BASE["threads"]}
+        return {"model": TINY_BASE, "sft_adapter": f"runs/{TINY_BASE}/sft", **DPO, "cpu_threads": BASE["threads"],
+                "device": "cpu"}
     if key == "05_eval":
         return {"MODELS": [TINY_BASE], "ADAPTERS": [f"runs/{TINY_BASE}/sft", f"runs/{TINY_BASE}/dpo"],
-                "FIT_SAMPLE": 400}
+                "FIT_SAMPLE": 400, "device": "cpu"}
     if key == "06_error_gallery":  # the predictions notebook 05 just wrote
         return {"PREDICTION_FILES": {"zero-shot": f"runs/{TINY_BASE}/zero_shot/preds_test.jsonl",
                                      "SFT": f"runs/{TINY_BASE}/sft/eval/preds_test.jsonl",

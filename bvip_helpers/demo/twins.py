@@ -2,8 +2,11 @@
 
 A *twin* is a randomly initialised, few-megabyte instance of the very same transformers
 class (``Qwen2VLForConditionalGeneration``, ``PaliGemmaForConditionalGeneration``, ...) with
-its real processor class, a tokenizer trained here on the BVIP schema text, and the
-family's own special tokens and chat template. Saved with ``save_pretrained`` it reloads
+its real processor class, a tokenizer trained here on the BVIP schema text, and the published
+checkpoint's own chat template, special tokens, end-of-turn and generation EOS tokens and
+image-processor normalisation, read from the family's facts file
+(``bvip_helpers/configs/families/<family>.json``, :func:`bvip_helpers.families.family_config`).
+Only the sizes are the twin's own. Saved with ``save_pretrained`` it reloads
 with ``AutoProcessor`` / ``AutoModelForImageTextToText`` exactly like the hub checkpoint,
 so the SFT, predict and notebook code paths can be run end to end on a CPU, offline,
 in seconds. The twins are not meant to be good captioners, only to have the same
@@ -31,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from bvip_helpers import schema
+from bvip_helpers.families import family_config
 from bvip_helpers.io import atomic_dir, iter_jsonl, remove_tree, write_json
 
 #: bump when a recipe changes in a way that makes old cached twins stale.
-TWIN_FORMAT_VERSION = 2
+TWIN_FORMAT_VERSION = 3
 META_FILE = "twin_meta.json"
 DEFAULT_VOCAB_SIZE = 2048
 DEFAULT_IMAGE_SIZE = 112
@@ -202,7 +206,8 @@ class TwinRecipe:
     model_class: str  # transformers class name
     processor_class: str
     imitates: str  # the hub checkpoint whose interface the twin copies
-    build: Callable[[list[str], int], tuple[Any, Any]] = field(repr=False)  # (texts, image_size) -> (model, processor)
+    #: (texts, image_size, **options) -> (model, processor); options: ``image_splitting`` (SmolVLM)
+    build: Callable[..., tuple[Any, Any]] = field(repr=False)
     #: how a prompt reaches the model: ``chat`` (processor chat template), ``suffix`` (PaliGemma:
     #: plain prompt, the answer passed as ``suffix=`` so the processor makes the labels), ``prefix``
     #: (plain text before the answer, decoder-only), ``seq2seq`` (prompt to the encoder, answer as labels).
@@ -231,36 +236,39 @@ def _text_kwargs(tok: Any, **overrides: Any) -> dict[str, Any]:
     return kwargs
 
 
-# Chat templates: the same layout as the real checkpoints, trimmed to images + text.
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+def family_tokenizer(texts: list[str], family: str, post_template: str | None = None) -> Any:
+    """A tokenizer trained on ``texts`` with the published checkpoint's special tokens (roles and order),
+    plus the role-less special tokens its chat template or processor writes (``template_tokens``)."""
+    facts = family_config(family)
+    return train_tokenizer(texts, special_tokens=facts["special_tokens"],
+                           additional_special_tokens=facts.get("template_tokens", []), post_template=post_template)
 
 
-def _build_qwen_vl(texts: list[str], image_size: int, version: str) -> tuple[Any, Any]:
+def chat_template(family: str) -> str:
+    """The published checkpoint's chat template, verbatim from the family's facts file."""
+    template = family_config(family).get("chat_template")
+    if not template:
+        raise ValueError(f"the {family} checkpoint has no chat template (its prompt is a prefix or nothing)")
+    return template
+
+
+def image_settings(family: str, *keys: str) -> dict[str, Any]:
+    """The published image-processor settings named by ``keys`` (normalisation, resampling, ...);
+    sizes stay the twin's own."""
+    published = family_config(family).get("image_processor", {})
+    return {k: published[k] for k in keys if k in published}
+
+
+def _build_qwen_vl(texts: list[str], image_size: int, version: str, **_: Any) -> tuple[Any, Any]:
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    specials = {
-        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-        "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
-    }
-    tok = train_tokenizer(texts, special_tokens=specials, additional_special_tokens=["<|im_start|>"])
+    family = "qwen2-vl" if version == "2" else "qwen2.5-vl"
+    tok = family_tokenizer(texts, family)
     # Real Qwen tokenizers have no BOS; the pad token doubles as <|endoftext|>.
     patch, merge = 14, 2
     pixels = image_size * image_size
     image_kwargs = dict(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=patch, merge_size=merge,
-                        temporal_patch_size=2)
+                        temporal_patch_size=2, **image_settings(family, "image_mean", "image_std"))
     text_cfg = _text_kwargs(tok, bos_token_id=None, rope_parameters=_rope(_mrope_sections(TEXT_HEAD_DIM), 1e6))
     ids = dict(image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
                vision_start_token_id=tok.vision_start_token_id, vision_end_token_id=tok.vision_end_token_id)
@@ -284,7 +292,7 @@ def _build_qwen_vl(texts: list[str], image_size: int, version: str) -> tuple[Any
     processor = processor_cls(
         image_processor=Qwen2VLImageProcessor(**image_kwargs),
         video_processor=Qwen2VLVideoProcessor(**image_kwargs),
-        tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE,
+        tokenizer=tok, chat_template=chat_template(family),
     )
     return model, processor
 
@@ -297,19 +305,13 @@ def _vision_kwargs(image_size: int | list[int], patch: int | list[int], **overri
     return kwargs
 
 
-SMOLVLM_CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
-    "{% if message['content'] is not string and message['content'][0]['type'] == 'image' %}{{ ':' }}"
-    "{% else %}{{ ': ' }}{% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for line in message['content'] %}"
-    "{% if line['type'] == 'text' %}{{ line['text'] }}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}"
-    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
+#: SmolVLM with image splitting: an image is resized to at most SPLIT_RATIO tiles per side, then cut into
+#: tiles of the twin's image size plus one global view, as the registry's budget does for the real model
+#: (longest edge 768 = 2 x 384 px tiles).
+SPLIT_RATIO = 2
 
 
-def _build_smolvlm(texts: list[str], image_size: int) -> tuple[Any, Any]:
+def _build_smolvlm(texts: list[str], image_size: int, image_splitting: bool = False, **_: Any) -> tuple[Any, Any]:
     from transformers import (
         SmolVLMConfig,
         SmolVLMForConditionalGeneration,
@@ -320,15 +322,7 @@ def _build_smolvlm(texts: list[str], image_size: int) -> tuple[Any, Any]:
 
     patch, scale = 14, 2
     grid = image_size // patch
-    specials = {
-        "bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|im_end|>",
-        "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
-        "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>",
-        "video_token": "<video>",
-    }
-    # Row/col markers are used when images are split into tiles (off here, but the real vocab has them).
-    tiles = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-    tok = train_tokenizer(texts, special_tokens=specials, additional_special_tokens=tiles)
+    tok = family_tokenizer(texts, "smolvlm")  # the row/col tile markers are its template tokens
     image_seq_len = (grid // scale) ** 2
     config = SmolVLMConfig(
         text_config=dict(model_type="llama", **_text_kwargs(tok, head_dim=TEXT_HEAD_DIM,
@@ -337,31 +331,20 @@ def _build_smolvlm(texts: list[str], image_size: int) -> tuple[Any, Any]:
         pad_token_id=tok.pad_token_id,
     )
     model = SmolVLMForConditionalGeneration(config)
-    # No tiling: one image -> one global view of image_seq_len tokens (SmolVLM2 tiles large images).
-    size = {"longest_edge": image_size}
-    image_processor = SmolVLMImageProcessor(size=size, max_image_size=size, do_image_splitting=False)
-    video_processor = SmolVLMVideoProcessor(size=size, max_image_size=size)
+    # The real checkpoint splits every image into tiles (their number depends on the aspect ratio) plus a
+    # global view; the default twin keeps the global view only, which keeps its sequences short.
+    tile = {"longest_edge": image_size}
+    size = {"longest_edge": image_size * SPLIT_RATIO} if image_splitting else tile
+    normalise = image_settings("smolvlm", "image_mean", "image_std", "resample")
+    image_processor = SmolVLMImageProcessor(size=size, max_image_size=tile, do_image_splitting=image_splitting,
+                                            **normalise)
+    video_processor = SmolVLMVideoProcessor(size=tile, max_image_size=tile)
     processor = SmolVLMProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
-                                 image_seq_len=image_seq_len, chat_template=SMOLVLM_CHAT_TEMPLATE)
+                                 image_seq_len=image_seq_len, chat_template=chat_template("smolvlm"))
     return model, processor
 
 
-QWEN_PLAIN_CHAT_TEMPLATE = (  # LLaVA-OneVision / InternVL: ChatML, image placeholder then a newline
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}{{ IMAGE }}\n"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def _chatml_template(image_placeholder: str) -> str:
-    return QWEN_PLAIN_CHAT_TEMPLATE.replace("{{ IMAGE }}", image_placeholder)
-
-
-def _build_llava_onevision(texts: list[str], image_size: int) -> tuple[Any, Any]:
+def _build_llava_onevision(texts: list[str], image_size: int, **_: Any) -> tuple[Any, Any]:
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
@@ -371,31 +354,33 @@ def _build_llava_onevision(texts: list[str], image_size: int) -> tuple[Any, Any]
     )
 
     patch = 14
-    specials = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "image_token": "<image>",
-                "video_token": "<video>"}
-    tok = train_tokenizer(texts, special_tokens=specials, additional_special_tokens=["<|im_start|>"])
+    tok = family_tokenizer(texts, "llava-onevision")
+    published = family_config("llava-onevision")["processor"]
     config = LlavaOnevisionConfig(
         text_config=dict(model_type="qwen2", **_text_kwargs(tok, bos_token_id=None, rope_parameters=_rope(theta=1e6))),
         vision_config=dict(model_type="siglip_vision_model", **_vision_kwargs(image_size, patch)),
         image_token_index=tok.image_token_id, video_token_index=tok.video_token_id,
-        vision_feature_select_strategy="full", vision_feature_layer=-1,
+        vision_feature_select_strategy=published["vision_feature_select_strategy"], vision_feature_layer=-1,
         image_grid_pinpoints=[[image_size, image_size]],
     )
     model = LlavaOnevisionForConditionalGeneration(config)
     size = {"height": image_size, "width": image_size}
     # One pinpoint: every image is one tile plus the base view (the real model allows up to 6x6 tiles).
+    normalise = image_settings("llava-onevision", "image_mean", "image_std", "resample")
     image_processor = LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=[[image_size, image_size]],
-                                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    video_processor = LlavaOnevisionVideoProcessor(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+                                                   **normalise)
+    video_processor = LlavaOnevisionVideoProcessor(size=size, **image_settings("llava-onevision", "image_mean",
+                                                                               "image_std"))
     processor = LlavaOnevisionProcessor(
         image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
-        num_image_tokens=(image_size // patch) ** 2, vision_feature_select_strategy="full",
-        chat_template=_chatml_template("<image>"), vision_aspect_ratio="anyres_max_9",
+        num_image_tokens=(image_size // patch) ** 2,
+        vision_feature_select_strategy=published["vision_feature_select_strategy"],
+        chat_template=chat_template("llava-onevision"), vision_aspect_ratio=published["vision_aspect_ratio"],
     )
     return model, processor
 
 
-def _build_internvl(texts: list[str], image_size: int) -> tuple[Any, Any]:
+def _build_internvl(texts: list[str], image_size: int, **_: Any) -> tuple[Any, Any]:
     from transformers import (
         GotOcr2ImageProcessor,
         InternVLConfig,
@@ -406,9 +391,7 @@ def _build_internvl(texts: list[str], image_size: int) -> tuple[Any, Any]:
 
     patch, downsample = 14, 0.5
     grid = image_size // patch
-    specials = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "start_image_token": "<img>",
-                "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
-    tok = train_tokenizer(texts, special_tokens=specials, additional_special_tokens=["<|im_start|>"])
+    tok = family_tokenizer(texts, "internvl")
     # Processor and config must agree on the number of <IMG_CONTEXT> tokens per tile.
     image_seq_length = int(grid * grid * downsample * downsample)
     config = InternVLConfig(
@@ -421,10 +404,11 @@ def _build_internvl(texts: list[str], image_size: int) -> tuple[Any, Any]:
     size = {"height": image_size, "width": image_size}
     # max_patches=1: one tile per image (the real model crops up to 12 tiles plus a thumbnail; the
     # processor class forces crop_to_patches=True, so the tile count is capped here instead).
-    image_processor = GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=1)
-    video_processor = InternVLVideoProcessor(size=size)
+    normalise = image_settings("internvl", "image_mean", "image_std")
+    image_processor = GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=1, **normalise)
+    video_processor = InternVLVideoProcessor(size=size, **normalise)
     processor = InternVLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
-                                  image_seq_length=image_seq_length, chat_template=_chatml_template("<IMG_CONTEXT>"))
+                                  image_seq_length=image_seq_length, chat_template=chat_template("internvl"))
     return model, processor
 
 
@@ -433,7 +417,7 @@ def _fit(image_size: int, multiple: int) -> int:
     return max(multiple, round(image_size / multiple) * multiple)
 
 
-def _build_paligemma(texts: list[str], image_size: int) -> tuple[Any, Any]:
+def _build_paligemma(texts: list[str], image_size: int, **_: Any) -> tuple[Any, Any]:
     from transformers import (
         PaliGemmaConfig,
         PaliGemmaForConditionalGeneration,
@@ -442,11 +426,10 @@ def _build_paligemma(texts: list[str], image_size: int) -> tuple[Any, Any]:
     )
 
     patch = 14
-    specials = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "image_token": "<image>"}
-    tok = train_tokenizer(texts, special_tokens=specials)
+    tok = family_tokenizer(texts, "paligemma")
     image_seq_length = (image_size // patch) ** 2
     image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size},
-                                           image_mean=[0.5] * 3, image_std=[0.5] * 3)
+                                           **image_settings("paligemma", "image_mean", "image_std", "resample"))
     image_processor.image_seq_length = image_seq_length  # saved to preprocessor_config.json, read by the processor
     # The processor adds the 1024 <locNNNN> and 128 <segNNN> tokens; the vocab is sized after it.
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
@@ -463,16 +446,15 @@ def _build_paligemma(texts: list[str], image_size: int) -> tuple[Any, Any]:
     return PaliGemmaForConditionalGeneration(config), processor
 
 
-def _build_florence2(texts: list[str], image_size: int) -> tuple[Any, Any]:
+def _build_florence2(texts: list[str], image_size: int, **_: Any) -> tuple[Any, Any]:
     from transformers import CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
 
     stride = 32  # DaViT downsamples 4 * 2 * 2 * 2
-    specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-                "image_token": "<image>"}
-    tok = train_tokenizer(texts, special_tokens=specials)
+    tok = family_tokenizer(texts, "florence2")
     grid = image_size // stride
-    image_processor = CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False,
-                                         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    image_processor = CLIPImageProcessor(size={"height": image_size, "width": image_size},
+                                         **image_settings("florence2", "do_center_crop", "image_mean", "image_std",
+                                                          "resample"))
     image_processor.image_seq_length = grid * grid + 1  # every cell plus one pooled token
     text_cfg = dict(
         model_type="bart", vocab_size=len(tok), d_model=TEXT_HIDDEN, encoder_layers=TEXT_LAYERS,
@@ -492,20 +474,7 @@ def _build_florence2(texts: list[str], image_size: int) -> tuple[Any, Any]:
     return model, processor
 
 
-DEEPSEEK_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{% elif message['role'] == 'user' %}User: "
-    "{% else %}Assistant: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}{{ IMAGE }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n\\n' }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
-
-def _build_deepseek_vl(texts: list[str], image_size: int) -> tuple[Any, Any]:
+def _build_deepseek_vl(texts: list[str], image_size: int, **_: Any) -> tuple[Any, Any]:
     from transformers import (
         DeepseekVLConfig,
         DeepseekVLForConditionalGeneration,
@@ -514,9 +483,8 @@ def _build_deepseek_vl(texts: list[str], image_size: int) -> tuple[Any, Any]:
     )
 
     patch = 16
-    specials = {"bos_token": "<\uff5cbegin\u2581of\u2581sentence\uff5c>", "eos_token": "<\uff5cend\u2581of\u2581sentence\uff5c>",
-                "pad_token": "<\uff5c\u2581pad\u2581\uff5c>", "image_token": "<image_placeholder>"}
-    tok = train_tokenizer(texts, special_tokens=specials, post_template="<\uff5cbegin\u2581of\u2581sentence\uff5c> $A")
+    bos = family_config("deepseek-vl")["special_tokens"]["bos_token"]
+    tok = family_tokenizer(texts, "deepseek-vl", post_template=f"{bos} $A")  # the tokenizer adds BOS itself
     num_image_tokens = (image_size // patch) ** 2
     config = DeepseekVLConfig(
         text_config=dict(model_type="llama", **_text_kwargs(tok, head_dim=TEXT_HEAD_DIM, rope_parameters=_rope())),
@@ -525,34 +493,18 @@ def _build_deepseek_vl(texts: list[str], image_size: int) -> tuple[Any, Any]:
     )
     model = DeepseekVLForConditionalGeneration(config)
     image_processor = DeepseekVLImageProcessor(size={"height": image_size, "width": image_size},
-                                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
+                                               **image_settings("deepseek-vl", "image_mean", "image_std"))
     processor = DeepseekVLProcessor(image_processor=image_processor, tokenizer=tok, num_image_tokens=num_image_tokens,
-                                    chat_template=DEEPSEEK_CHAT_TEMPLATE.replace("{{ IMAGE }}", "<image_placeholder>"))
+                                    chat_template=chat_template("deepseek-vl"))
     return model, processor
 
 
-JANUS_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{% elif message['role'] == 'user' %}<|User|>: "
-    "{% else %}<|Assistant|>: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}<image_placeholder>\n"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n\\n' }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
-)
-
-
-def _build_janus(texts: list[str], image_size: int) -> tuple[Any, Any]:
+def _build_janus(texts: list[str], image_size: int, **_: Any) -> tuple[Any, Any]:
     from transformers import JanusConfig, JanusForConditionalGeneration, JanusImageProcessor, JanusProcessor
 
     patch = 16
-    bos, eos = "<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>"
-    specials = {"bos_token": bos, "eos_token": eos, "pad_token": "<\uff5c\u2581pad\u2581\uff5c>",
-                "image_token": "<image_placeholder>", "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"}
-    tok = train_tokenizer(texts, special_tokens=specials, additional_special_tokens=["<|User|>", "<|Assistant|>"],
-                          post_template=f"{bos} $A")
+    facts = family_config("janus")
+    tok = family_tokenizer(texts, "janus", post_template=f"{facts['special_tokens']['bos_token']} $A")
     num_image_tokens = (image_size // patch) ** 2
     config = JanusConfig(
         text_config=dict(model_type="llama", **_text_kwargs(tok, head_dim=TEXT_HEAD_DIM, rope_parameters=_rope())),
@@ -568,20 +520,20 @@ def _build_janus(texts: list[str], image_size: int) -> tuple[Any, Any]:
     )
     model = JanusForConditionalGeneration(config)
     image_processor = JanusImageProcessor(size={"height": image_size, "width": image_size},
-                                          image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = JanusProcessor(image_processor=image_processor, tokenizer=tok, chat_template=JANUS_CHAT_TEMPLATE,
-                               num_image_tokens=num_image_tokens)
+                                          **image_settings("janus", "image_mean", "image_std"))
+    # The published processor prepends DeepSeek's default system prompt to every text.
+    processor = JanusProcessor(image_processor=image_processor, tokenizer=tok, chat_template=chat_template("janus"),
+                               num_image_tokens=num_image_tokens,
+                               use_default_system_prompt=facts["processor"]["use_default_system_prompt"])
     return model, processor
 
 
-def _build_blip(texts: list[str], image_size: int) -> tuple[Any, Any]:
+def _build_blip(texts: list[str], image_size: int, **_: Any) -> tuple[Any, Any]:
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     patch = 16
     # BERT-style vocabulary: [CLS] text [SEP]; generation swaps [CLS] for [DEC] and stops at [SEP].
-    specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                "mask_token": "[MASK]", "bos_token": "[DEC]", "eos_token": "[SEP]"}
-    tok = _bert_style(train_tokenizer(texts, special_tokens=specials, post_template="[CLS] $A [SEP]"))
+    tok = _bert_style(family_tokenizer(texts, "blip", post_template="[CLS] $A [SEP]"))
     config = BlipConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=TEXT_HIDDEN, encoder_hidden_size=VISION_HIDDEN,
                          intermediate_size=TEXT_FFN, num_hidden_layers=TEXT_LAYERS, num_attention_heads=TEXT_HEADS,
@@ -593,7 +545,8 @@ def _build_blip(texts: list[str], image_size: int) -> tuple[Any, Any]:
         projection_dim=TEXT_HIDDEN, image_text_hidden_size=TEXT_HIDDEN,
     )
     model = BlipForConditionalGeneration(config)
-    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size},
+                                         **image_settings("blip", "image_mean", "image_std", "resample"))
     return model, BlipProcessor(image_processor=image_processor, tokenizer=tok)
 
 
@@ -603,18 +556,16 @@ def _bert_style(tok: Any) -> Any:
     return tok
 
 
-def _build_blip2(texts: list[str], image_size: int) -> tuple[Any, Any]:
+def _build_blip2(texts: list[str], image_size: int, **_: Any) -> tuple[Any, Any]:
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 
     patch, num_query_tokens = 14, 8
-    # OPT: </s> is both BOS (prepended to every text) and EOS. No image_token role: the
+    # OPT: </s> is BOS (prepended to every text), EOS and UNK. No image_token role: the
     # processor adds its own <image> AddedToken and expects to own it.
-    specials = {"bos_token": "</s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    tok = train_tokenizer(texts, special_tokens=specials, post_template="</s> $A")
+    tok = family_tokenizer(texts, "blip2", post_template="</s> $A")
     tok.model_input_names = ["input_ids", "attention_mask"]
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size},
-                                         image_mean=[0.48145466, 0.4578275, 0.40821073],
-                                         image_std=[0.26862954, 0.26130258, 0.27577711])
+                                         **image_settings("blip2", "image_mean", "image_std", "resample"))
     processor = Blip2Processor(image_processor=image_processor, tokenizer=tok, num_query_tokens=num_query_tokens)
     tok = processor.tokenizer
     config = Blip2Config(
@@ -644,18 +595,19 @@ def _mrope_sections(head_dim: int) -> list[int]:
 FAMILIES: dict[str, TwinRecipe] = {
     "qwen2-vl": TwinRecipe(
         "qwen2-vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", "Qwen/Qwen2-VL-2B-Instruct",
-        lambda texts, size: _build_qwen_vl(texts, size, "2"),
+        lambda texts, size, **options: _build_qwen_vl(texts, size, "2", **options),
         notes="mrope_section sums to head_dim/2; image tokens = (size/14)^2/4 after 2x2 merge",
     ),
     "qwen2.5-vl": TwinRecipe(
         "qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", "Qwen/Qwen2.5-VL-3B-Instruct",
-        lambda texts, size: _build_qwen_vl(texts, size, "2.5"),
+        lambda texts, size, **options: _build_qwen_vl(texts, size, "2.5", **options),
         notes="as qwen2-vl plus window attention (window = image size, last block full attention)",
     ),
     "smolvlm": TwinRecipe(
         "smolvlm", "SmolVLMForConditionalGeneration", "SmolVLMProcessor", "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
         _build_smolvlm, nested_images=True,
-        notes="no tiling; image_seq_len = (size/14/scale)^2; <fake_token_around_image>, <global-img>, row/col tokens",
+        notes="global view only (image_splitting=True: tiles plus the global view, as the real model); "
+              "image_seq_len = (size/14/scale)^2 per view; <fake_token_around_image>, <global-img>, row/col tokens",
     ),
     "llava-onevision": TwinRecipe(
         "llava-onevision", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor",
@@ -703,11 +655,15 @@ FAMILIES: dict[str, TwinRecipe] = {
 # --- Building and caching ---------------------------------------------------
 
 
-def _recipe_fingerprint(family: str, texts: list[str], seed: int, image_size: int) -> str:
+def _recipe_fingerprint(family: str, texts: list[str], seed: int, image_size: int,
+                        options: dict[str, Any] | None = None) -> str:
     digest = hashlib.sha256()
     sizes = [TEXT_HIDDEN, TEXT_LAYERS, TEXT_HEADS, TEXT_KV_HEADS, TEXT_FFN,
              VISION_HIDDEN, VISION_LAYERS, VISION_HEADS, VISION_FFN]  # resized towers make a new twin
     digest.update(json.dumps([TWIN_FORMAT_VERSION, family, seed, image_size, sizes]).encode())
+    if options:  # only non-default options enter, so default twins keep their fingerprints
+        digest.update(json.dumps(options, sort_keys=True).encode())
+    digest.update(json.dumps(family_config(family), sort_keys=True).encode())  # new facts make a new twin
     for text in texts:
         digest.update(text.encode("utf-8", "replace") + b"\0")
     return digest.hexdigest()[:16]
@@ -727,22 +683,26 @@ def _is_complete(out_dir: Path, fingerprint: str) -> bool:
 
 def build_tiny_model(family: str, out_dir: str | os.PathLike[str], texts: Iterable[str] | None = None,
                      data_dir: str | os.PathLike[str] | None = None, seed: int = 0,
-                     image_size: int = DEFAULT_IMAGE_SIZE, force: bool = False) -> Path:
+                     image_size: int = DEFAULT_IMAGE_SIZE, force: bool = False, image_splitting: bool = False) -> Path:
     """Build (or reuse) the tiny twin of ``family`` in ``out_dir`` and return ``out_dir``.
 
     The tokenizer is trained on the schema vocabulary plus ``texts`` and the texts found in
     ``data_dir`` (see :func:`data_texts`). Weights are initialised from ``seed`` so the same
     inputs give the same twin; a folder already holding a twin with the same recipe, texts,
-    seed and image size (``twin_meta.json``) is reused unless ``force``.
+    seed and image size (``twin_meta.json``) is reused unless ``force``. ``image_splitting``
+    (SmolVLM only) splits images into tiles plus a global view, as the real checkpoint does.
     """
     if family not in FAMILIES:
         raise KeyError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if image_splitting and family != "smolvlm":
+        raise ValueError(f"image_splitting is a SmolVLM/Idefics3 setting; the {family} twin has no tiles to split")
     recipe = FAMILIES[family]
     out_dir = Path(out_dir)
     requested_size = image_size
     image_size = _fit(image_size, recipe.size_multiple)
     all_texts = schema_texts(seed) + list(texts or []) + (data_texts(data_dir) if data_dir else [])
-    fingerprint = _recipe_fingerprint(family, all_texts, seed, image_size)
+    options = {"image_splitting": True} if image_splitting else {}
+    fingerprint = _recipe_fingerprint(family, all_texts, seed, image_size, options)
     if not force and _is_complete(out_dir, fingerprint):
         return out_dir
     import torch  # only now: a cache hit needs no torch
@@ -750,14 +710,14 @@ def build_tiny_model(family: str, out_dir: str | os.PathLike[str], texts: Iterab
     start = time.perf_counter()
     torch.manual_seed(seed)
     random.seed(seed)
-    model, processor = recipe.build(all_texts, image_size)
+    model, processor = recipe.build(all_texts, image_size, **options)
     model.eval()
-    _set_generation_defaults(model, processor.tokenizer)
+    _set_generation_defaults(model, processor.tokenizer, family)
     with atomic_dir(out_dir, clear=_remove_previous_twin) as staging:
         _save_twin(model, processor, staging, {
             "family": family, "model_class": recipe.model_class, "processor_class": recipe.processor_class,
             "imitates": recipe.imitates, "seed": seed, "image_size": image_size,
-            "requested_image_size": requested_size, "fingerprint": fingerprint,
+            "requested_image_size": requested_size, "fingerprint": fingerprint, **options,
             "format_version": TWIN_FORMAT_VERSION, "n_params": sum(p.numel() for p in model.parameters()),
             "vocab_size": len(processor.tokenizer), "n_texts": len(all_texts),
             "build_seconds": round(time.perf_counter() - start, 2),
@@ -783,13 +743,25 @@ def _remove_previous_twin(out_dir: Path) -> None:
     )
 
 
-def _set_generation_defaults(model: Any, tok: Any) -> None:
-    """Stop on the family's end token and pad with its pad token, as the hub generation configs do."""
+def _set_generation_defaults(model: Any, tok: Any, family: str) -> None:
+    """Stop where the published generation config stops (``generation_eos``) and pad with the pad token."""
     gen = model.generation_config
-    gen.eos_token_id = tok.eos_token_id
+    eos = [_single_token_id(tok, text, family) for text in family_config(family)["generation_eos"]]
+    gen.eos_token_id = eos[0] if len(eos) == 1 else eos
     gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if tok.bos_token_id is not None:
         gen.bos_token_id = tok.bos_token_id
+
+
+def _single_token_id(tok: Any, text: str, family: str) -> int:
+    """The id of ``text`` as one token (a special token, or plain text such as OPT's newline)."""
+    token_id = tok.convert_tokens_to_ids(text)
+    if token_id is not None and (token_id != tok.unk_token_id or text == tok.unk_token):
+        return token_id
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"{family}: generation_eos {text!r} is {len(ids)} tokens in the twin's vocabulary, not one")
+    return ids[0]
 
 
 def load_twin(path: str | os.PathLike[str]) -> tuple[Any, Any]:
@@ -838,6 +810,8 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image_size", type=int, default=DEFAULT_IMAGE_SIZE)
     parser.add_argument("--force", action="store_true", help="rebuild even if a matching twin is cached")
+    parser.add_argument("--image_splitting", action="store_true",
+                        help="SmolVLM: split images into tiles plus a global view, as the real checkpoint does")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -851,7 +825,7 @@ def run_cli(args: argparse.Namespace) -> int:
         target = out if single else out / f"tiny-{family}"
         start = time.perf_counter()
         build_tiny_model(family, target, data_dir=data_dir, seed=args.seed, image_size=args.image_size,
-                         force=args.force)
+                         force=args.force, image_splitting=args.image_splitting)
         meta = json.loads((target / META_FILE).read_text(encoding="utf-8"))
         print(f"{family:16s} {meta['model_class']:42s} {meta['n_params'] / 1e6:6.2f}M params  "
               f"{time.perf_counter() - start:5.1f}s  -> {target}")
