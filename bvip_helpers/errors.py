@@ -156,6 +156,24 @@ def format_errors(caption: schema.ParsedCaption, fields: Mapping[str, str | None
     return errors
 
 
+def caption_errors(caption: schema.ParsedCaption, said: Mapping[str, str | None],
+                   truth: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The typed errors of one parsed caption (its fields ``said``) against one image's ``truth``
+    (``fields``, ``near`` and ``far``, as the records hold them)."""
+    near = evaluate.compare_objects(truth["near"], caption.near)
+    far = evaluate.compare_objects(truth["far"], caption.far)
+    return (field_errors(truth["fields"], said) + object_errors(near, far, caption, truth["far"])
+            + format_errors(caption, said))
+
+
+def severity_of(text: str, truth: Mapping[str, Any]) -> int:
+    """The severity one caption gets against ``truth`` (see :func:`caption_errors`): 0 is a safe caption.
+    The judge of model-ranked DPO pairs (:mod:`bvip_helpers.pairs`)."""
+    said = evaluate.extract_fields(pd.Series([text], dtype=object)).iloc[0]
+    fields = {key: (None if pd.isna(said[key]) else said[key]) for key in schema.FIELD_LABELS}
+    return sum(e["severity"] for e in caption_errors(schema.parse_caption(text), fields, truth))
+
+
 def spoken_order(text: str, caption: schema.ParsedCaption, hazards: Iterable[str]) -> dict[str, Any]:
     """Words (and seconds at :data:`WORDS_PER_MINUTE`) a listener hears before the first and the last close hazard.
 
@@ -215,12 +233,8 @@ def build_records(predictions: Mapping[str, Iterable[Mapping[str, Any]] | pd.Dat
         fields = evaluate.extract_fields(texts)
         for row, (text, caption) in enumerate(zip(texts, evaluate.parse_texts(texts), strict=True)):
             said = {key: fields.at[row, key] for key in schema.FIELD_LABELS}
-            near = evaluate.compare_objects(truth[row]["near"], caption.near)
-            far = evaluate.compare_objects(truth[row]["far"], caption.far)
             errors = [] if present[row] else [_error("no_prediction", why="no caption for this image")]
-            errors += field_errors(truth[row]["fields"], said)
-            errors += object_errors(near, far, caption, truth[row]["far"])
-            errors += format_errors(caption, said)
+            errors += caption_errors(caption, said, truth[row])
             close = len(truth[row]["near"])
             records.append({
                 "model": label, "image": rows.at[row, "image"], "image_path": str(rows.at[row, "image_path"]),

@@ -13,8 +13,8 @@ A summary per source and error type goes beside the pairs (``<out>.summary.json`
    composer, so style and length stay the same otherwise.
 3. **Model-ranked pairs** (:func:`ranked_pairs`, after RLAIF-V and the weak-to-strong DPO pipeline): the policy
    samples N captions per image, a judge scores each, and the best and the worst become a pair when their scores
-   are far enough apart. The default judge is the BVIP evaluator against the annotations
-   (:func:`caption_score`, deterministic); a second, smaller model can judge instead
+   are far enough apart. The default judge is the BVIP evaluator against the annotations: the severity of
+   each caption's errors (:func:`caption_score`, deterministic); a second, smaller model can judge instead
    (:func:`model_judge`: its greedy caption becomes the reference). Candidates and scores are saved.
 """
 
@@ -41,7 +41,7 @@ ERROR_TYPES: dict[str, float] = {
     "road_flipped": 1.0,          # Road left <-> right, or front/center changed to a side
     "relation_wrong": 1.0,        # RoadVsSidewalk replaced by another value
     "close_object_dropped": 2.0,  # a close object class left out of Nearby (a critical one first)
-    "object_side_flipped": 2.0,   # one close object class on the other side
+    "object_side_flipped": 2.0,   # one close object on the other side
     "hazard_invented": 2.0,       # a close person, bicycle or car the annotations do not have
     "moved_to_far": 1.0,          # a close object class moved to Far
     "field_omitted": 1.0,         # one mandatory field left out
@@ -279,43 +279,33 @@ def pair_statistics(pairs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 # --- Model-ranked pairs -------------------------------------------------------------------
 
 
-def truth_labels(row: Mapping[str, Any]) -> schema.SceneLabels:
-    """The ground truth of one image (a row of :func:`bvip_helpers.dataset.load_ground_truth`) as labels."""
-    near = {o.name: schema.parse_object_cell(row.get(o.near_column))[0] for o in schema.OBJECT_CLASSES}
-    far = {o.name: schema.parse_object_cell(row.get(o.far_column))[0] for o in schema.OBJECT_CLASSES}
-    return schema.SceneLabels(str(row.get("sidewalk_pos") or schema.UNKNOWN), str(row.get("road_pos") or schema.UNKNOWN),
-                              {k: v for k, v in near.items() if v}, {k: v for k, v in far.items() if v})
+def truth_of(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One image's ground truth (a row of :func:`bvip_helpers.dataset.load_ground_truth`) as the error records hold
+    it: ``fields``, and the ``near`` and ``far`` classes with their positions."""
+    def objects(column: str) -> dict[str, list[str]]:
+        found = {o.name: schema.parse_object_cell(row.get(getattr(o, column)))[0] for o in schema.OBJECT_CLASSES}
+        return {name: positions for name, positions in found.items() if positions}
+
+    return {"fields": {key: str(row.get(key) or schema.UNKNOWN) for key in schema.FIELD_LABELS},
+            "near": objects("near_column"), "far": objects("far_column")}
 
 
-def caption_score(text: str, truth: schema.SceneLabels) -> float:
-    """The evaluator's view of one caption against its annotations, as one number (higher is safer).
+def caption_score(text: str, truth: Mapping[str, Any]) -> float:
+    """How safe one caption is against its annotations: minus its severity in the error records
+    (:func:`bvip_helpers.errors.severity_of`, :data:`bvip_helpers.errors.SEVERITY`), so a critical miss (-100)
+    or a flipped side (-90) weighs most, and a safe caption scores 0."""
+    from bvip_helpers.errors import severity_of
 
-    +1 per mandatory field right; +1 per close class of the truth named in ``Nearby:`` (+0.5 more when all its
-    positions are right), -1 per close class missed and -2 when it is a person, bicycle or car (a critical miss);
-    -1 per close class named that the truth does not have (a hallucination). The same definitions as
-    :mod:`bvip_helpers.evaluate`, per image.
-    """
-    parsed = schema.parse_caption(text)
-    truth_fields = {"sidewalk_pos": truth.sidewalk_pos, "road_pos": truth.road_pos,
-                    "road_vs_sidewalk": truth.road_vs_sidewalk}
-    score = float(sum(parsed.fields.get(k) == v for k, v in truth_fields.items()))
-    said = {name: where for name, where in parsed.near.items() if where}
-    for name, positions in truth.near.items():
-        if name in said:
-            score += 1.0 + 0.5 * (Counter(positions) == Counter(said[name]))
-        else:
-            score -= 2.0 if name in CRITICAL else 1.0
-    score -= sum(name not in truth.near for name in said)
-    return score
+    return -float(severity_of(text, truth))
 
 
 def model_judge(judge: Any, image_root: str | Path, *, max_new_tokens: int = 128,
-                batch_size: int = 8) -> Callable[[Sequence[Mapping[str, Any]]], list[schema.SceneLabels]]:
+                batch_size: int = 8) -> Callable[[Sequence[Mapping[str, Any]]], list[dict[str, Any]]]:
     """A weak-to-strong judge: a second (smaller) model's greedy caption of each image becomes the reference the
     candidates are scored against with :func:`caption_score`. ``judge`` is a loaded ``predict.LoadedModel``."""
     from bvip_helpers.families import generate_captions, load_record_image, record_prompt
 
-    def references(records: Sequence[Mapping[str, Any]]) -> list[schema.SceneLabels]:
+    def references(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         labels = []
         for begin in range(0, len(records), batch_size):
             batch = records[begin: begin + batch_size]
@@ -325,10 +315,9 @@ def model_judge(judge: Any, image_root: str | Path, *, max_new_tokens: int = 128
                                       max_new_tokens=max_new_tokens)
             for text in texts:
                 parsed = schema.parse_caption(text)
-                labels.append(schema.SceneLabels(parsed.fields.get("sidewalk_pos") or schema.UNKNOWN,
-                                                 parsed.fields.get("road_pos") or schema.UNKNOWN,
-                                                 {k: v for k, v in parsed.near.items() if v},
-                                                 {k: v for k, v in parsed.far.items() if v}))
+                labels.append({"fields": {k: parsed.fields.get(k) or schema.UNKNOWN for k in schema.FIELD_LABELS},
+                               "near": {k: v for k, v in parsed.near.items() if v},
+                               "far": {k: v for k, v in parsed.far.items() if v}})
         return labels
 
     return references
@@ -375,7 +364,7 @@ def sample_candidates(loaded: Any, records: Sequence[Mapping[str, Any]], image_r
     return out
 
 
-def rank_candidates(candidates: Sequence[str], truth: schema.SceneLabels, min_gap: float) -> dict[str, Any] | None:
+def rank_candidates(candidates: Sequence[str], truth: Mapping[str, Any], min_gap: float) -> dict[str, Any] | None:
     """The best and the worst distinct candidate with their scores, or ``None`` (all tied, or closer than ``min_gap``)."""
     scored = sorted({text: caption_score(text, truth) for text in candidates if text.strip()}.items(),
                     key=lambda item: (-item[1], item[0]))
@@ -389,7 +378,7 @@ def rank_candidates(candidates: Sequence[str], truth: schema.SceneLabels, min_ga
 
 
 def ranked_pairs(loaded: Any, records: Sequence[Mapping[str, Any]], image_root: str | Path, truth: Any, *,
-                 sampling: SamplingParams | None = None, min_gap: float = 1.0, judge: Any = None,
+                 sampling: SamplingParams | None = None, min_gap: float = 40.0, judge: Any = None,
                  progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Policy samples ranked by the judge -> (pairs, counts). ``truth`` is the ground-truth frame (the default
     judge); ``judge`` a loaded model instead (:func:`model_judge`)."""
@@ -407,7 +396,7 @@ def ranked_pairs(loaded: Any, records: Sequence[Mapping[str, Any]], image_root: 
             if name not in rows:
                 raise ValueError(f"{record_image_path(dict(record))}: no ground truth for this image; "
                                  "check the captions and annotations CSVs")
-            references.append(truth_labels(rows[name]))
+            references.append(truth_of(rows[name]))
     pairs, counts = [], {"records": len(records), "candidates": sum(map(len, candidates)), "tied_or_close": 0,
                          "duplicates": 0}
     seen: set[tuple[str, str, str]] = set()
@@ -476,8 +465,8 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=4, help="ranked: candidates per image (default: 4)")
     parser.add_argument("--temperature", type=float, default=1.0, help="ranked: sampling temperature (default: 1.0)")
     parser.add_argument("--top_p", type=float, default=0.95, help="ranked: nucleus sampling (default: 0.95)")
-    parser.add_argument("--min_gap", type=float, default=1.0,
-                        help="ranked: smallest score gap between chosen and rejected (default: 1.0)")
+    parser.add_argument("--min_gap", type=float, default=40.0,
+                        help="ranked: smallest severity gap between chosen and rejected (default: 40, a wrong side)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N records (0: all)")
 
 

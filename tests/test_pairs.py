@@ -125,29 +125,41 @@ def test_seed_pairs_and_their_format_gap(records):
     assert stats["chosen_words_median"] != stats["rejected_words_median"]
 
 
-def test_caption_score_follows_the_evaluator():
-    truth = schema.SceneLabels("left", "right", near={"person": ["center"]})
-    right = schema.compose_caption(truth, "")
-    assert pairs.caption_score(right, truth) == 3 + 1.5
+def _truth(near: dict) -> dict:
+    return {"fields": {"sidewalk_pos": "left", "road_pos": "right", "road_vs_sidewalk": "right_of"}, "near": near,
+            "far": {}}
+
+
+def test_caption_score_is_minus_the_error_records_severity():
+    from bvip_helpers.errors import SEVERITY
+
+    truth = _truth({"person": ["center"]})
+    right = schema.compose_caption(schema.SceneLabels("left", "right", near={"person": ["center"]}), "")
+    assert pairs.caption_score(right, truth) == 0
     missed = schema.compose_caption(schema.SceneLabels("left", "right"), "")
-    assert pairs.caption_score(missed, truth) == 3 - 2  # a critical miss counts twice
+    assert pairs.caption_score(missed, truth) == -SEVERITY["critical_miss"]
     invented = schema.compose_caption(schema.SceneLabels("left", "right", near={"person": ["center"],
                                                                                  "car": ["left"]}), "")
-    assert pairs.caption_score(invented, truth) == 3 + 1.5 - 1
-    assert pairs.caption_score("no fields at all", truth) == -2
+    assert pairs.caption_score(invented, truth) == -SEVERITY["hallucinated_close"]
+    flipped = schema.compose_caption(schema.SceneLabels("right", "right", near={"person": ["center"]}), "")
+    assert pairs.caption_score(flipped, truth) < pairs.caption_score(invented, truth)
+    row = {"sidewalk_pos": "left", "road_pos": "right", "road_vs_sidewalk": "right_of", "m_person": "Center",
+           "m_car_outside": "Left-Right"}
+    assert pairs.truth_of(row) == {**_truth({"person": ["center"]}), "far": {"car": ["left", "right"]}}
 
 
 def test_rank_candidates_keeps_the_gap_and_drops_ties_and_duplicates():
-    truth = schema.SceneLabels("left", "right", near={"person": ["center"]})
-    good = schema.compose_caption(truth, "")
+    truth = _truth({"person": ["center"]})
+    good = schema.compose_caption(schema.SceneLabels("left", "right", near={"person": ["center"]}), "")
     bad = schema.compose_caption(schema.SceneLabels("right", "left"), "")
-    ranked = pairs.rank_candidates([bad, good, good, bad], truth, min_gap=1.0)
+    ranked = pairs.rank_candidates([bad, good, good, bad], truth, min_gap=40)
     assert ranked["chosen"] == good and ranked["rejected"] == bad
-    assert ranked["scores"]["chosen"] - ranked["scores"]["rejected"] >= 1.0
+    assert ranked["scores"]["chosen"] - ranked["scores"]["rejected"] >= 40
     assert len(ranked["candidates"]) == 2  # duplicates scored once
-    assert pairs.rank_candidates([good, good], truth, min_gap=0.5) is None
-    assert pairs.rank_candidates([good, schema.compose_caption(schema.SceneLabels("left", "left",
-                                  near={"person": ["center"]}), "")], truth, min_gap=10) is None
+    assert pairs.rank_candidates([good, good], truth, min_gap=1) is None
+    invented = schema.compose_caption(schema.SceneLabels("left", "right", near={"person": ["center"],
+                                                                                 "car": ["left"]}), "")
+    assert pairs.rank_candidates([good, invented], truth, min_gap=40) is None  # 25 apart: too close
 
 
 @pytest.mark.slow
@@ -159,13 +171,13 @@ def test_ranked_pairs_are_deterministic_and_judged_against_the_annotations(recor
                               sample_dir / "annotations_with_obj_pos.csv")
     policy = load("tiny-qwen2-vl-base")
     sampling = pairs.SamplingParams(n=3, temperature=1.5, max_new_tokens=40, batch_size=4, seed=3)
-    runs = [pairs.ranked_pairs(policy, records[0][:6], sample_dir, truth, sampling=sampling, min_gap=0.5,
+    runs = [pairs.ranked_pairs(policy, records[0][:6], sample_dir, truth, sampling=sampling, min_gap=10,
                                progress=False) for _ in range(2)]
     assert runs[0] == runs[1]
     made, counts = runs[0]
     assert counts["candidates"] == 18 and counts["pairs"] + counts["tied_or_close"] + counts["duplicates"] == 6
     for pair in made:
-        assert pair["scores"]["chosen"] - pair["scores"]["rejected"] >= 0.5 and pair["chosen"] != pair["rejected"]
+        assert pair["scores"]["chosen"] - pair["scores"]["rejected"] >= 10 and pair["chosen"] != pair["rejected"]
         texts = [c["text"] for c in pair["candidates"]]
         assert len(texts) == len(set(texts)) and pair["chosen"] == texts[0] and pair["rejected"] == texts[-1]
 
