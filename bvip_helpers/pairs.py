@@ -211,37 +211,46 @@ def controlled_pairs(records: Sequence[Mapping[str, Any]], *, error_types: Mappi
                      per_record: int = 1, seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Single-error negatives of the records' priority captions -> (pairs, counts).
 
-    For each record, ``per_record`` error types are drawn by weight among those that apply to its caption
-    (without repeats), each giving one pair. Counts say how many pairs each type gave and how many records
-    could not be used (a caption the composer would not write back identically).
+    ``error_types`` maps each type to its share of the pairs (weights, normalised). Not every error applies to
+    every caption (a scene with nothing close has no object to drop, but any scene can get an invented hazard),
+    so drawing a type per record would fill the pairs with the types that always apply. Instead each record,
+    in a seeded random order, gets the applicable type furthest below its share so far, ``per_record`` times
+    (without repeats). Counts say how many pairs each type gave, and how many records could not be used (a
+    caption the composer would not write back identically, or one no error applies to).
     """
     from bvip_helpers.families import record_image_path, record_prompt, record_response
 
     mix = {k: v for k, v in (error_types or ERROR_TYPES).items() if v > 0}
+    total = sum(mix.values())
+    share = {k: v / total for k, v in mix.items()}
     rng = random.Random(seed)
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    made: dict[str, int] = dict.fromkeys(mix, 0)
     pairs: list[dict[str, Any]] = []
-    counts: dict[str, Any] = {"records": len(records), "not_composed": 0, "no_error_applies": 0,
-                              "error_types": dict.fromkeys(mix, 0)}
-    for record in records:
-        chosen = record_response(dict(record))
+    counts: dict[str, Any] = {"records": len(records), "not_composed": 0, "no_error_applies": 0}
+    for index in order:
+        record = dict(records[index])
+        chosen = record_response(record)
         if CaptionParts.of(chosen) is None:
             counts["not_composed"] += 1
             continue
-        options = dict(mix)
-        made = 0
-        while options and made < per_record:
-            names = sorted(options)
-            kind = rng.choices(names, weights=[options[n] for n in names])[0]
-            del options[kind]
-            rejected = inject_error(chosen, kind, rng)
-            if rejected is None:
-                continue
-            image, prompt = record_image_path(dict(record)), record_prompt(dict(record))
+        draws = random.Random(f"{seed}:{index}")  # the same record gets the same error whatever the mix
+        options = {kind: text for kind in sorted(mix) if (text := inject_error(chosen, kind, draws)) is not None}
+        if not options:
+            counts["no_error_applies"] += 1
+        for _ in range(min(per_record, len(options))):
+            so_far = sum(made.values()) + 1
+            deficit = {kind: share[kind] * so_far - made[kind] for kind in options}
+            top = max(deficit.values())
+            kind = rng.choice(sorted(k for k, d in deficit.items() if d == top))
+            rejected = options.pop(kind)
+            image, prompt = record_image_path(record), record_prompt(record)
             pairs.append({"id": _pair_id("controlled", image, kind, rejected), "image": image, "prompt": prompt,
                           "chosen": chosen, "rejected": rejected, "source": "controlled", "error_type": kind})
-            counts["error_types"][kind] += 1
-            made += 1
-        counts["no_error_applies"] += made == 0
+            made[kind] += 1
+    pairs.sort(key=lambda p: p["id"])  # a stable order that does not depend on the draw order
+    counts["error_types"] = made
     return pairs, counts
 
 
