@@ -194,3 +194,16 @@ def test_pairs_cli_writes_pairs_and_a_summary(records, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "bvip_helpers", "pairs", "--source", "ranked", "--data_dir",
                           str(records[1]), "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "needs --model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_error_type_weights_are_shares_of_the_pairs(records):
+    """An invented hazard applies to almost every caption, a dropped object only to scenes with one: equal
+    weights must still give about as many pairs of each (a per-record draw gave about three invented per drop)."""
+    made, counts = pairs.controlled_pairs(records[0], error_types={"close_object_dropped": 1, "hazard_invented": 1},
+                                          seed=0)
+    dropped, invented = counts["error_types"]["close_object_dropped"], counts["error_types"]["hazard_invented"]
+    assert dropped + invented == len(made) == len(records[0])
+    with_close = sum(bool(schema.parse_caption(r["messages"][1]["content"][0]["text"]).near) for r in records[0])
+    assert dropped == pytest.approx(min(with_close, len(made) / 2), abs=2)
+    again, _ = pairs.controlled_pairs(records[0], error_types={"close_object_dropped": 1, "hazard_invented": 1}, seed=0)
+    assert again == made
