@@ -16,6 +16,15 @@ parameters is refused rather than mixed.
 Batches are sorted by prompt length and left-padded (the family code in
 :mod:`bvip_helpers.families` builds them), decoding is greedy or beam search, and
 ``--constrained`` (see :mod:`bvip_helpers.constrained`) guarantees the three mandatory fields.
+
+``--backend openai|ollama|clip-interrogator|chain`` captions through another backend of
+:mod:`bvip_helpers.backends` (a served model, CLIP-Interrogator's method, a chain of experts) into the
+same resumable file; its settings join each line under ``backend``. A line is written only once its
+caption has arrived; an image whose request failed for good is reported and left for the next run::
+
+    bvip predict --backend openai --model Qwen/Qwen2-VL-2B-Instruct --base_url http://127.0.0.1:8000/v1 \\
+        --jsonl data/bvpi_out/bvpi_sft_test.jsonl --image_root data/synthetic --out runs/vllm/preds_test.jsonl \\
+        --concurrency 8 [--structured vllm-regex]
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from bvip_helpers import schema
-from bvip_helpers.constrained import constrained_generate_kwargs, mandatory_trie, relation_consistency, repair_relation
+from bvip_helpers.backends import BACKENDS, BackendError, as_backend
+from bvip_helpers.constrained import constrained_generate_kwargs, relation_consistency, repair_relation
 from bvip_helpers.families import record_image_path, record_prompt
 from bvip_helpers.io import (
     ImagePathError,
@@ -70,6 +80,8 @@ class PredictStats:
     duplicate_records: int = 0
     dropped_partial_lines: int = 0
     repaired: int = 0
+    failed: list[str] = field(default_factory=list)  # images whose caption never arrived, with the reason
+    schema_failures: int = 0  # served captions that do not fit the schema (marked schema_ok: false)
     relation: dict[str, Any] = field(default_factory=dict)  # contradictions among this run's captions
     seconds: float = 0.0
 
@@ -89,6 +101,10 @@ class PredictStats:
             parts.append(f"relation contradictions {self.relation['contradictions']}/{self.relation['checked']}")
         if self.repaired:
             parts.append(f"{self.repaired} relations repaired")
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed (rerun to retry them)")
+        if self.schema_failures:
+            parts.append(f"{self.schema_failures} off the schema")
         return (f"predict: {', '.join(parts)} in {self.seconds:.1f}s "
                 f"({self.captions_per_second:.2f} captions/s) -> {self.out_path}")
 
@@ -185,6 +201,8 @@ def _check_same_run(existing: list[dict[str, Any]], run: dict[str, Any], out_pat
     """``None`` when every existing line was made with this run's settings, else what differs."""
     for record in existing:
         different = {k: (record.get(k), run[k]) for k in RUN_KEYS if k in record and record.get(k) != run[k]}
+        if record.get("backend") != run.get("backend"):  # another backend's settings (absent on the local path)
+            different["backend"] = (record.get("backend"), run.get("backend"))
         if different:
             return ", ".join(f"{k}: file has {a!r}, this run {b!r}" for k, (a, b) in different.items())
     return None
@@ -213,8 +231,8 @@ def predict(model_or_spec: Any, records: Iterable[Mapping[str, Any]], image_root
             restart_if_changed: bool = False, progress: bool = True) -> PredictStats:
     """Generate captions for ``records`` (dicts with ``image`` and optionally ``prompt``) into ``out_path``.
 
-    ``model_or_spec``: a :class:`LoadedModel`, or anything :func:`load` accepts (registry
-    name, spec, hub id, local dir), loaded with ``adapter``. Resumes an existing
+    ``model_or_spec``: a :class:`LoadedModel`, a backend of :mod:`bvip_helpers.backends`, or anything
+    :func:`load` accepts (registry name, spec, hub id, local dir), loaded with ``adapter``. Resumes an existing
     ``out_path`` made with the same model weights and settings (another file is refused, or
     started over with ``restart_if_changed``). A missing or corrupt image raises :class:`ImagePathError` naming it,
     unless ``skip_bad_images`` (then it is counted in ``stats.bad_images``).
@@ -223,15 +241,15 @@ def predict(model_or_spec: Any, records: Iterable[Mapping[str, Any]], image_root
 
     if batch_size < 1 or num_beams < 1 or max_new_tokens < 1:
         raise ValueError("batch_size, num_beams and max_new_tokens must be >= 1")
-    loaded = model_or_spec if isinstance(model_or_spec, LoadedModel) else load(model_or_spec, adapter)
+    backend = as_backend(model_or_spec, adapter, num_beams=num_beams, constrained=constrained)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     stats = PredictStats(out_path=str(out_path))
     start = time.perf_counter()
 
-    run = {"model": loaded.name, "adapter": loaded.adapter, "weights": weights_id(loaded), "max_new_tokens": max_new_tokens,
-           "num_beams": num_beams, "do_sample": False, "constrained": constrained,
-           "repair_relation": repair_relation_field}
+    run = {"model": backend.model_name, "adapter": backend.adapter, "weights": backend.weights_id(),
+           "max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": backend.do_sample,
+           "constrained": constrained, "repair_relation": repair_relation_field, **backend.run_settings()}
     existing, stats.dropped_partial_lines = recover_output(out_path)
     if stats.dropped_partial_lines:
         print(f"predict: dropped {stats.dropped_partial_lines} truncated line(s) at the end of {out_path} "
@@ -280,28 +298,36 @@ def predict(model_or_spec: Any, records: Iterable[Mapping[str, Any]], image_root
 
     # Similar prompt lengths in one batch mean less padding.
     usable.sort(key=lambda item: (len(prompt_of(item[0])), str(item[1])))
-    trie = mandatory_trie(loaded.processor) if constrained else None
     texts: list[str] = []
-    bar = tqdm(total=len(usable), desc=f"predict {loaded.name}", unit="img", disable=not progress)
-    for begin in range(0, len(usable), batch_size):
-        batch = usable[begin: begin + batch_size]
+    bar = tqdm(total=len(usable), desc=f"predict {backend.model_name}", unit="img", disable=not progress)
+    step = max(batch_size, backend.concurrency)  # a served backend gets enough images to keep its requests busy
+    for begin in range(0, len(usable), step):
+        batch = usable[begin: begin + step]
         images = [load_image(path) for _, path in batch]
         prompts = [prompt_of(record) for record, _ in batch]
-        generated = _generate_batch(loaded, images, prompts, max_new_tokens=max_new_tokens,
-                                    num_beams=num_beams, trie=trie)
+        generated = backend.caption(images, prompts, max_new_tokens=max_new_tokens)
         lines = []
-        for (record, _), text in zip(batch, generated, strict=True):
-            line = {"image": record_image_path(dict(record)), "text": text, **run}
+        for (record, _), result in zip(batch, generated, strict=True):
+            if not result.ok:  # nothing arrived: reported, and left for the next run to retry
+                stats.failed.append(f"{record_image_path(dict(record))}: {result.error}")
+                continue
+            text = result.text
+            stats.schema_failures += result.extra.get("schema_ok") is False
+            line = {"image": record_image_path(dict(record)), "text": text, **run, **result.extra}
             if repair_relation_field:
                 fixed, changed = repair_relation(text)
                 line.update(text=fixed, text_raw=text, repaired=changed)
                 stats.repaired += changed
             texts.append(text)
             lines.append(line)
-        append_jsonl(out_path, lines)
-        stats.generated += len(batch)
+        if lines:
+            append_jsonl(out_path, lines)
+        stats.generated += len(lines)
         bar.update(len(batch))
     bar.close()
+    if stats.failed:
+        print(f"predict: {len(stats.failed)} image(s) got no caption (rerun to retry them): "
+              + "; ".join(stats.failed[:5]) + (" ..." if len(stats.failed) > 5 else ""), file=sys.stderr)
     stats.relation = relation_consistency(texts)  # of the raw model output, before any repair
     stats.seconds = time.perf_counter() - start
     return stats
@@ -313,7 +339,8 @@ def predict(model_or_spec: Any, records: Iterable[Mapping[str, Any]], image_root
 def configure_cli(parser: argparse.ArgumentParser) -> None:
     from bvip_helpers.io import resolve_cli_path
 
-    parser.add_argument("--model", required=True, help="registry name, hub id or local model folder")
+    parser.add_argument("--model", default=None, help="registry name, hub id or local model folder; for a served "
+                        "backend, the name the server knows the model by (openai: default $OPENAI_MODEL)")
     parser.add_argument("--adapter", type=resolve_cli_path, default=None, help="PEFT adapter folder loaded on top of --model")
     parser.add_argument("--jsonl", type=resolve_cli_path, required=True, help="records with 'image' (and 'prompt'), e.g. bvpi_sft_test.jsonl")
     parser.add_argument("--image_root", type=resolve_cli_path, required=True, help="folder the records' image paths are relative to")
@@ -331,22 +358,94 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restart_if_changed", action="store_true",
                         help="start --out over when it was made with other weights or settings (default: refuse)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    _configure_backend_cli(parser.add_argument_group("backends (bvip_helpers.backends)"))
+
+
+def _configure_backend_cli(group: Any) -> None:
+    from bvip_helpers import structured
+    from bvip_helpers.backends import PROMPT_PRESETS, SCHEMA_FAILURE_CHOICES
+
+    group.add_argument("--backend", choices=BACKENDS, default="transformers",
+                       help="transformers (local, default), openai (any OpenAI-compatible server), ollama, "
+                       "clip-interrogator (BLIP caption + CLIP-ranked BVIP phrases), chain (see --chain)")
+    group.add_argument("--prompt", choices=sorted(PROMPT_PRESETS), default=None,
+                       help="caption every image with this preset instead of the records' prompts")
+    group.add_argument("--base_url", default=None, help="served backends: the server, e.g. http://127.0.0.1:8000/v1 "
+                       "(default: $OPENAI_BASE_URL, or $OLLAMA_HOST for ollama)")
+    group.add_argument("--api_key_env", default="OPENAI_API_KEY",
+                       help="openai: the environment variable holding the API key (never given on the command line)")
+    group.add_argument("--concurrency", type=int, default=4, help="served backends: requests in flight (default: 4)")
+    group.add_argument("--timeout", type=float, default=120.0, help="served backends: seconds per request")
+    group.add_argument("--retries", type=int, default=4,
+                       help="served backends: more tries after a 429, 5xx, timeout or dropped connection")
+    group.add_argument("--backoff", type=float, default=1.0, help="served backends: first wait between tries, doubling")
+    group.add_argument("--temperature", type=float, default=0.0, help="served backends: 0 = greedy (default)")
+    group.add_argument("--seed", type=int, default=None, help="served backends: a sampling seed, sent when given")
+    group.add_argument("--structured", choices=structured.DIALECTS, default="none",
+                       help="served backends: ask for the caption schema in this server's dialect (vllm-regex, "
+                       "vllm-json, llamacpp-grammar, llamacpp-json, json-schema for OpenAI, LM Studio, Ollama)")
+    group.add_argument("--on_schema_failure", choices=SCHEMA_FAILURE_CHOICES, default="mark",
+                       help="served backends: a caption off the schema is marked (schema_ok: false) or asked again")
+    group.add_argument("--image_format", choices=("png", "jpeg"), default="png",
+                       help="served backends: how images travel (png is lossless)")
+    group.add_argument("--captioner", default=None, help="clip-interrogator: the BLIP caption model (default: blip-large)")
+    group.add_argument("--top_k", type=int, default=3, help="clip-interrogator: object phrases kept")
+    group.add_argument("--chain", default=None,
+                       help="chain: BACKEND:MODEL[@URL],BACKEND:MODEL[@URL],... ; every step after the first "
+                       "refines the previous description")
+
+
+#: backends whose --model is a model folder here (a served backend's model is the server's name for it)
+_LOCAL_BACKENDS = ("transformers", "clip-interrogator")
+
+
+def _cli_model(backend: str, model: str | None) -> str | None:
+    """A local model folder given on the command line resolves against the current directory."""
+    from bvip_helpers.io import resolve_cli_path
+
+    if model and backend in _LOCAL_BACKENDS and Path(model).expanduser().is_dir():
+        return str(resolve_cli_path(model))
+    return model
+
+
+def _cli_backend(args: argparse.Namespace) -> Any:
+    from bvip_helpers.backends import CLIP_INTERROGATOR_CAPTIONER, make_backend, parse_chain
+
+    chain = args.chain and ",".join(f"{kind}:{_cli_model(kind, model)}" + (f"@{url}" if url else "")
+                                    for kind, model, url in parse_chain(args.chain))
+    served = {"base_url": args.base_url, "api_key_env": args.api_key_env, "concurrency": args.concurrency,
+              "timeout": args.timeout, "retries": args.retries, "backoff": args.backoff,
+              "temperature": args.temperature, "seed": args.seed, "structured_output": args.structured,
+              "on_schema_failure": args.on_schema_failure, "image_format": args.image_format}
+    return make_backend(args.backend, _cli_model(args.backend, args.model), adapter=args.adapter,
+                        num_beams=args.num_beams, constrained=args.constrained, chain=chain,
+                        captioner=_cli_model("transformers", args.captioner) or CLIP_INTERROGATOR_CAPTIONER,
+                        top_k=args.top_k, **served)
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from bvip_helpers.io import iter_jsonl, resolve_cli_path
+    from bvip_helpers.backends import PROMPT_PRESETS
+    from bvip_helpers.io import iter_jsonl
 
-    model = str(resolve_cli_path(args.model)) if Path(args.model).expanduser().is_dir() else args.model
     records = list(iter_jsonl(args.jsonl))
+    if args.prompt:
+        records = [{"image": record_image_path(r), "prompt": PROMPT_PRESETS[args.prompt]} for r in records]
     try:
+        if args.backend == "transformers":  # today's path: predict loads the model itself
+            model = _cli_model("transformers", args.model)
+            if not model:
+                raise ValueError("--model is required (a registry name, hub id or model folder)")
+        else:
+            model = _cli_backend(args)
         stats = predict(model, records, args.image_root, args.out, adapter=args.adapter,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                         constrained=args.constrained, repair_relation_field=args.repair_relation, limit=args.limit,
                         skip_bad_images=args.skip_bad_images, restart_if_changed=args.restart_if_changed,
                         progress=not args.no_progress)
-    except (ImagePathError, JsonlError, ValueError) as err:
+    except (ImagePathError, JsonlError, ValueError, BackendError) as err:
         print(f"bvip predict: error: {err}", file=sys.stderr)
         return 2
     print(stats.summary())
-    print(json.dumps({k: v for k, v in asdict(stats).items() if k != "bad_images"}, default=str))
-    return 0
+    summary = {k: v for k, v in asdict(stats).items() if k not in ("bad_images", "failed")}
+    print(json.dumps({**summary, "failed": len(stats.failed)}, default=str))
+    return 1 if stats.failed else 0
