@@ -195,6 +195,15 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
+def _folder_weights(source: str) -> str | None:
+    """:func:`bvip_helpers.predict.weights_id` of a model folder that is not loaded here (None for a hub id)."""
+    from types import SimpleNamespace
+
+    from bvip_helpers.predict import weights_id
+
+    return weights_id(SimpleNamespace(adapter=None, spec=SimpleNamespace(hub_id=source)))
+
+
 class _RequestFailed(Exception):
     """One request that failed: the HTTP status (``None`` when no answer came), what was said, the tries made."""
 
@@ -290,9 +299,18 @@ class ServedBackend(Backend):
         return self.base_url + self.path
 
     def settings(self) -> dict[str, Any]:
-        return {"name": self.name, "base_url": public_url(self.base_url), "model": self.model_name,
-                "temperature": self.temperature, "seed": self.seed, "structured": self.structured,
-                "on_schema_failure": self.on_schema_failure, "image_format": self.image_format}
+        # The URL is not part of it: the same model answers the same from a restarted server on another port.
+        return {"name": self.name, "model": self.model_name, "temperature": self.temperature, "seed": self.seed,
+                "structured": self.structured, "on_schema_failure": self.on_schema_failure,
+                "image_format": self.image_format}
+
+    def run_settings(self) -> dict[str, Any]:
+        return {"backend": self.settings(), "server": public_url(self.base_url)}
+
+    def weights_id(self) -> str | None:
+        """The weight files' stamps when the server serves a folder of this machine by its path (``transformers
+        serve``), so retrained weights never resume old captions; ``None`` for a name only the server knows."""
+        return _folder_weights(self.model_name) if os.path.isdir(self.model_name) else None
 
     # --- Requests -------------------------------------------------------------
 
@@ -566,12 +584,7 @@ class ClipInterrogatorBackend(Backend):
                 "top_k": self.top_k, "vocabulary": BVIP_VOCABULARY}
 
     def weights_id(self) -> str | None:
-        from types import SimpleNamespace
-
-        from bvip_helpers.predict import weights_id
-
-        clip = weights_id(SimpleNamespace(adapter=None, spec=SimpleNamespace(hub_id=self.clip_source)))
-        return "|".join(filter(None, (self.captioner.weights_id(), clip))) or None
+        return "|".join(filter(None, (self.captioner.weights_id(), _folder_weights(self.clip_source)))) or None
 
     def caption(self, images: Sequence[Any], prompts: Sequence[str], *, max_new_tokens: int) -> list[CaptionResult]:
         captions = self.captioner.caption(images, prompts, max_new_tokens=max_new_tokens)
@@ -739,3 +752,103 @@ def make_backend(backend: str, model: str | None, *, adapter: Any = None, num_be
                  for kind, step_model, url in parse_chain(chain)]
         return ChainBackend(steps, refine_prompt)
     raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+# --- A local server -----------------------------------------------------------------------
+
+
+class LocalServer:
+    """``transformers serve MODEL`` (transformers' own OpenAI-compatible server) on a free 127.0.0.1 port.
+
+    For the tests, the benchmark and a first try of the ``openai`` backend without vLLM: the model is pinned
+    by its path, nothing is fetched (``HF_HUB_OFFLINE=1``), and the process is stopped by its PID::
+
+        with LocalServer("models/tiny-qwen2-vl-base") as server:
+            backend = OpenAIBackend(server.model, base_url=server.base_url)
+
+    Needs ``pip install 'bvip-helpers[serve]'`` (fastapi, uvicorn, openai).
+    """
+
+    def __init__(self, model: str | os.PathLike[str], *, port: int | None = None, device: str = "cpu",
+                 threads: int | None = 1, startup_timeout: float = 180.0, log_path: str | os.PathLike[str] | None = None):
+        from bvip_helpers.io import resolve
+
+        self.model = str(resolve(model))
+        self.port, self.device, self.threads = port, device, threads
+        self.startup_timeout, self.log_path = startup_timeout, log_path
+        self.process: Any = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @staticmethod
+    def free_port() -> int:
+        import socket
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    def start(self) -> LocalServer:
+        import subprocess
+        import sys
+        import tempfile
+
+        from transformers.utils.import_utils import is_serve_available
+
+        if not is_serve_available():
+            raise RuntimeError("transformers serve needs fastapi, uvicorn and openai: pip install 'bvip-helpers[serve]'")
+        self.port = self.port or self.free_port()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        self._log = open(self.log_path, "wb") if self.log_path else tempfile.TemporaryFile()  # noqa: SIM115
+        command = [sys.executable, "-m", "transformers.cli.transformers", "serve", self.model, "--host", "127.0.0.1",
+                   "--port", str(self.port), "--device", self.device, "--log-level", "warning"]
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.startup_timeout
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"transformers serve exited with code {self.process.returncode}: {self.log_tail()}")
+            try:
+                with opener.open(f"http://127.0.0.1:{self.port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError, http.client.HTTPException):
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"transformers serve was not ready after {self.startup_timeout:.0f} s: {self.log_tail()}")
+
+    def log_tail(self, chars: int = 1500) -> str:
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read().decode("utf-8", errors="replace")[-chars:]
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown, connections dropped mid-answer."""
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM by PID, then SIGKILL if it does not exit within 15 s."""
+        import signal
+        import subprocess
+
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+        self._log.close()
