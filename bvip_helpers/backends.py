@@ -12,8 +12,8 @@ the same backend, model and settings.
 - ``ollama`` (:class:`OllamaBackend`): Ollama's native ``/api/chat`` (raw base64 images, ``format`` for the schema).
 - ``clip-interrogator`` (:class:`ClipInterrogatorBackend`): CLIP-Interrogator's method, a BLIP caption plus
   the phrases of a BVIP vocabulary ranked by CLIP image-text similarity.
-- ``chain`` (:class:`ChainBackend`): a chain of experts; every model after the first gets the previous
-  description and adds what it misses, close hazards and their sides first. Each step's text is kept.
+- ``chain`` (:class:`bvip_helpers.chain.ChainBackend`): a chain of experts; every model after the first gets
+  the previous description and adds what it misses, close hazards and their sides first. Each step's text is kept.
 
 Served backends send images as base64 PNG (lossless: the server decodes exactly the pixels the local path
 sees), ``max_tokens`` and ``temperature=0`` unless sampling is asked for, run up to ``concurrency``
@@ -49,14 +49,6 @@ BACKENDS = ("transformers", "openai", "ollama", "clip-interrogator", "chain")
 
 #: Prompt presets: the plain captioning instruction and the BVIP instruction (the records' default).
 PROMPT_PRESETS = {"plain": schema.PLAIN_PROMPT, "bvip": schema.DEFAULT_PROMPT}
-
-#: What every expert after the first in a chain is asked; ``{previous}`` is the description so far.
-REFINE_PROMPT = (
-    "Another model described this street scene for a blind pedestrian:\n{previous}\n"
-    "Look at the image again and add the visual details that description misses, most important first: "
-    "close hazards (obstacles, people, bicycles, cars) and the side each one is on. Keep what is right, "
-    "correct what is wrong, and write the whole description again. " + schema.DEFAULT_PROMPT
-)
 
 #: HTTP answers worth another try: rate limits and server trouble.
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -603,79 +595,6 @@ class ClipInterrogatorBackend(Backend):
         self.clip = None
 
 
-# --- A chain of experts ----------------------------------------------------------------
-
-
-class ChainBackend(Backend):
-    """Backends in a row: the first captions from the records' prompt, every later one gets
-    :data:`REFINE_PROMPT` with the description so far. The last text is the caption; ``steps`` on each
-    output line keeps every expert's text, so what each one added (and whether it made things up) can be scored.
-    """
-
-    name = "chain"
-
-    def __init__(self, steps: Sequence[Backend], refine_prompt: str = REFINE_PROMPT):
-        if len(steps) < 2:
-            raise ValueError("a chain needs at least two backends")
-        if "{previous}" not in refine_prompt:
-            raise ValueError("the refine prompt must hold '{previous}', where the description so far goes")
-        self.steps, self.refine_prompt = list(steps), refine_prompt
-        self.model_name = " -> ".join(step.model_name for step in self.steps)
-        self.concurrency = max(step.concurrency for step in self.steps)
-        self.do_sample = any(step.do_sample for step in self.steps)
-
-    def settings(self) -> dict[str, Any]:
-        return {"name": self.name, "steps": [step.settings() for step in self.steps], "refine_prompt": self.refine_prompt}
-
-    def weights_id(self) -> str | None:
-        return "|".join(filter(None, (step.weights_id() for step in self.steps))) or None
-
-    def caption(self, images: Sequence[Any], prompts: Sequence[str], *, max_new_tokens: int) -> list[CaptionResult]:
-        current = self.steps[0].caption(images, prompts, max_new_tokens=max_new_tokens)
-        history = [[self._step(0, result)] for result in current]
-        for number, step in enumerate(self.steps[1:], start=1):
-            alive = [i for i, result in enumerate(current) if result.ok]
-            if not alive:
-                break
-            refine = [self.refine_prompt.replace("{previous}", current[i].text or "") for i in alive]
-            for i, result in zip(alive, step.caption([images[i] for i in alive], refine,
-                                                     max_new_tokens=max_new_tokens), strict=True):
-                current[i] = result
-                history[i].append(self._step(number, result))
-        results = []
-        for result, steps in zip(current, history, strict=True):
-            failed = next((s for s in steps if "error" in s), None)
-            error = f"step {failed['step']} ({failed['backend']}:{failed['model']}): {failed['error']}" if failed else None
-            results.append(CaptionResult(result.text if not failed else None, error,
-                                         {**(result.extra if not failed else {}), "steps": steps}))
-        return results
-
-    def _step(self, index: int, result: CaptionResult) -> dict[str, Any]:
-        step = self.steps[index]
-        record: dict[str, Any] = {"step": index + 1, "backend": step.name, "model": step.model_name, "text": result.text}
-        if not result.ok:
-            record["error"] = result.error
-        elif "schema_ok" in result.extra:
-            record["schema_ok"] = result.extra["schema_ok"]
-        return record
-
-    def close(self) -> None:
-        for step in self.steps:
-            step.close()
-
-
-def chain_step_predictions(lines: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Each chain step's captions as a predictions list of its own (``{"image", "text"}``), keyed
-    ``step N (backend:model)``, so the evaluator scores what every expert wrote."""
-    steps: dict[str, list[dict[str, Any]]] = {}
-    for line in lines:
-        for step in line.get("steps") or []:
-            if step.get("text") is not None:
-                key = f"step {step['step']} ({step['backend']}:{step['model']})"
-                steps.setdefault(key, []).append({"image": line["image"], "text": step["text"]})
-    return steps
-
-
 # --- Building backends ------------------------------------------------------------------
 
 
@@ -727,7 +646,7 @@ def _registry_served(backend: str, model: str | None, served: dict[str, Any]) ->
 
 def make_backend(backend: str, model: str | None, *, adapter: Any = None, num_beams: int = 1,
                  constrained: bool = False, chain: str | None = None, captioner: str = CLIP_INTERROGATOR_CAPTIONER,
-                 top_k: int = 3, refine_prompt: str = REFINE_PROMPT, **served: Any) -> Backend:
+                 top_k: int = 3, refine_prompt: str | None = None, **served: Any) -> Backend:
     """The backend ``bvip predict --backend`` names; ``served`` holds the keyword arguments of
     :class:`ServedBackend` (and ``api_key_env`` for ``openai``)."""
     if backend == "transformers":
@@ -745,12 +664,14 @@ def make_backend(backend: str, model: str | None, *, adapter: Any = None, num_be
     if backend == "clip-interrogator":
         return ClipInterrogatorBackend(model or CLIP_INTERROGATOR_CLIP, captioner, top_k=top_k)
     if backend == "chain":
+        from bvip_helpers.chain import REFINE_PROMPT, ChainBackend
+
         if not chain:
             raise ValueError("--backend chain needs --chain BACKEND:MODEL,BACKEND:MODEL[,...]")
         steps = [make_backend(kind, step_model, captioner=captioner, top_k=top_k,
                               **{**served, **({"base_url": url} if url else {})})
                  for kind, step_model, url in parse_chain(chain)]
-        return ChainBackend(steps, refine_prompt)
+        return ChainBackend(steps, refine_prompt or REFINE_PROMPT)
     raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 

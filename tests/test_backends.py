@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, ImageStat
 from stub_servers import Reply, StubServer, chat_answer, ollama_answer
 
-from bvip_helpers import backends, schema, structured
+from bvip_helpers import backends, chain, schema, structured
 from bvip_helpers.backends import BackendError, OllamaBackend, OpenAIBackend
 from bvip_helpers.io import load_image, read_jsonl, write_jsonl
 
@@ -320,7 +320,7 @@ def test_chain_of_two_twins_keeps_every_step_and_refines_the_previous_text(base_
     from bvip_helpers.predict import load, predict
 
     twin = backends.TransformersBackend(load(tiny_twin("qwen2-vl")))
-    chain = backends.ChainBackend([base_backend, twin])
+    experts = chain.ChainBackend([base_backend, twin])
     seen: list[str] = []
     real = twin.caption
 
@@ -330,7 +330,7 @@ def test_chain_of_two_twins_keeps_every_step_and_refines_the_previous_text(base_
 
     twin.caption = spy
     out = tmp_path / "chain.jsonl"
-    stats = predict(chain, RECORDS[:3], SAMPLE, out, max_new_tokens=12, progress=False)
+    stats = predict(experts, RECORDS[:3], SAMPLE, out, max_new_tokens=12, progress=False)
     lines = read_jsonl(out)
     assert stats.generated == 3 and all(len(line["steps"]) == 2 for line in lines)
     for line in lines:
@@ -339,9 +339,22 @@ def test_chain_of_two_twins_keeps_every_step_and_refines_the_previous_text(base_
         assert line["text"] == second["text"] and any(first["text"] in prompt for prompt in seen)
     assert all(prompt.startswith("Another model described") for prompt in seen)
     assert lines[0]["backend"]["name"] == "chain" and len(lines[0]["backend"]["steps"]) == 2
-    steps = backends.chain_step_predictions(lines)
+    steps = chain.chain_step_predictions(lines)
     assert list(steps) == ["step 1 (transformers:tiny-qwen2-vl-base)", f"step 2 (transformers:{twin.model_name})"]
     assert [p["text"] for p in steps[list(steps)[1]]] == [line["text"] for line in lines]
+
+
+def test_chain_additions_count_what_each_expert_added_and_whether_it_is_there():
+    truth = {"a.jpg": "Sidewalk: left. Road: right. RoadVsSidewalk: right_of.\nNearby: a person close on the left.\n"
+             "Context: x"}
+    line = {"image": "a.jpg", "steps": [
+        {"step": 1, "backend": "transformers", "model": "m1", "text": "A street."},
+        {"step": 2, "backend": "openai", "model": "m2", "text": "Nearby: a person close on the left; a car close on the right."},
+        {"step": 3, "backend": "openai", "model": "m3", "text": "Nearby: a person close on the left; 2 cars close on the "
+         "left and right; a bicycle close on the center."}]}
+    assert chain.chain_additions([line, {"image": "unknown.jpg", "steps": line["steps"]}], truth) == [
+        {"step": 2, "expert": "openai:m2", "images": 1, "added": 2, "confirmed": 1, "invented": 1},
+        {"step": 3, "expert": "openai:m3", "images": 1, "added": 1, "confirmed": 0, "invented": 1}]
 
 
 def _tiny_clip(folder: Path, tokenizer) -> Path:
@@ -392,3 +405,29 @@ def test_clip_interrogator_adds_the_clip_ranked_bvip_phrases_to_the_blip_caption
     lines = read_jsonl(out)
     assert [line["text"] for line in lines] == [r.text for r in results]
     assert lines[0]["backend"]["name"] == "clip-interrogator" and lines[0]["weights"]
+
+
+@pytest.mark.slow
+def test_notebook_00_smoke_runs_and_writes_its_runs_where_the_leaderboard_reads_them(tmp_path):
+    papermill = pytest.importorskip("papermill")
+    from bvip_helpers import batch
+    from bvip_helpers.io import figures_dir
+
+    before = os.environ.get("BVIP_SMOKE")
+    os.environ["BVIP_SMOKE"] = "1"
+    try:  # the smoke run writes under runs/smoke, as every notebook's smoke run does
+        papermill.execute_notebook(str(ROOT / "notebooks" / "00_zero_shot.ipynb"), str(tmp_path / "00.ipynb"),
+                                   cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=False,
+                                   parameters={"SMOKE": True})
+    finally:
+        if before is None:
+            os.environ.pop("BVIP_SMOKE", None)
+        else:
+            os.environ["BVIP_SMOKE"] = before
+    for name in ("presence_accuracy", "object_recall_precision", "safety_rates", "near_recall_by_crowding"):
+        assert (figures_dir() / f"00_{name}.png").is_file(), name
+    board = batch.collect_leaderboard(ROOT / "runs" / "smoke")
+    runs_seen = set(board["run"])
+    assert {"tiny-qwen2-vl-base/zero_shot_transformers_plain", "tiny-qwen2-vl-base/zero_shot_transformers_bvip",
+            "chain_tiny-qwen2-vl-base+tiny-qwen2-vl-base/bvip/step_1",
+            "chain_tiny-qwen2-vl-base+tiny-qwen2-vl-base/bvip/step_2"} <= runs_seen
