@@ -393,14 +393,15 @@ class ServedBackend(Backend):
         if todo and not self._reached:  # the first request alone: a wrong URL or key fails once, not per image
             results[0] = self._caption_one(images[0], prompts[0], max_new_tokens, first=True)
             todo = todo[1:]
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=f"bvip-{self.name}") as pool:
-            futures = {pool.submit(self._caption_one, images[i], prompts[i], max_new_tokens): i for i in todo}
-            try:
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=f"bvip-{self.name}")
+        futures = {pool.submit(self._caption_one, images[i], prompts[i], max_new_tokens): i for i in todo}
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+        except BaseException:  # a fatal answer or Ctrl-C: send nothing more, do not wait for the requests in flight
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         return [r for r in results if r is not None]
 
 

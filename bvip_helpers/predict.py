@@ -442,7 +442,7 @@ def run_cli(args: argparse.Namespace) -> int:
                         constrained=args.constrained, repair_relation_field=args.repair_relation, limit=args.limit,
                         skip_bad_images=args.skip_bad_images, restart_if_changed=args.restart_if_changed,
                         progress=not args.no_progress)
-    except (ImagePathError, JsonlError, ValueError, BackendError) as err:
+    except (ImagePathError, JsonlError, ValueError, BackendError, OSError) as err:  # OSError: a model folder
         print(f"bvip predict: error: {err}", file=sys.stderr)
         return 2
     print(stats.summary())

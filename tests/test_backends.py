@@ -83,6 +83,24 @@ def test_concurrent_answers_out_of_order_are_matched_by_image(tmp_path):
     assert all(line["schema_ok"] is True for line in lines) and stats.schema_failures == 0
 
 
+def test_a_file_is_resumed_only_by_the_same_backend_settings_wherever_the_server_listens(tmp_path):
+    from bvip_helpers.predict import predict
+
+    out = tmp_path / "preds.jsonl"
+    with StubServer(_openai_echo) as stub:
+        predict(OpenAIBackend("m", base_url=stub.url + "/v1", **FAST), RECORDS[:2], SAMPLE, out, progress=False)
+    with StubServer(_openai_echo) as moved:  # the same model on a restarted server, another port: resumed
+        again = predict(OpenAIBackend("m", base_url=moved.url + "/v1", **FAST), RECORDS[:3], SAMPLE, out, progress=False)
+        assert again.already_done == 2 and again.generated == 1
+        for other in ({"structured_output": "json-schema"}, {"temperature": 0.7}, {"image_format": "jpeg"}):
+            with pytest.raises(ValueError, match="other settings.*backend"):
+                predict(OpenAIBackend("m", base_url=moved.url + "/v1", **FAST, **other), RECORDS[:3], SAMPLE, out,
+                        progress=False)
+    lines = read_jsonl(out)
+    assert lines[0]["server"] != lines[2]["server"] and lines[0]["backend"] == lines[2]["backend"]
+    assert lines[0]["do_sample"] is False and "temperature" not in lines[0]  # under backend, not beside it
+
+
 def test_429_5xx_timeouts_and_dropped_connections_are_retried_with_backoff():
     script = {1: Reply(429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"}),
               2: Reply(503, {"error": "overloaded"}), 3: Reply(drop=True), 4: Reply(body=chat_answer("x"), delay=1.0)}
