@@ -12,6 +12,9 @@
 - :mod:`bvip_helpers.sft`             supervised fine-tuning (LoRA, QLoRA, full)
 - :mod:`bvip_helpers.predict`         batched, resumable, optionally constrained generation
 - :mod:`bvip_helpers.constrained`     schema-constrained decoding of the mandatory fields
+- :mod:`bvip_helpers.backends`        zero-shot backends: transformers, OpenAI-compatible servers, Ollama, CLIP-Interrogator
+- :mod:`bvip_helpers.structured`      the caption schema in each server's structured-output dialect, the local check
+- :mod:`bvip_helpers.chain`           a chain of experts, each refining the description so far
 - :mod:`bvip_helpers.runs`            what each evaluation run captions and where its files go
 - :mod:`bvip_helpers.errors`          per-sample error records ranked by danger, spoken order
 - :mod:`bvip_helpers.report`          ``bvip report``: the error gallery as one self-contained HTML file

@@ -22,6 +22,15 @@ refused, or moved aside to ``<out>.previous`` with ``restart_if_changed``. While
 Batches are sorted by prompt length and left-padded (the family code in
 :mod:`bvip_helpers.families` builds them), decoding is greedy or beam search, and
 ``--constrained`` (see :mod:`bvip_helpers.constrained`) guarantees the three mandatory fields.
+
+``--backend openai|ollama|clip-interrogator|chain`` captions through another backend of
+:mod:`bvip_helpers.backends` (a served model, CLIP-Interrogator's method, a chain of experts) into the
+same resumable file; its settings join each line under ``backend``. A line is written only once its
+caption has arrived; an image whose request failed for good is reported and left for the next run::
+
+    bvip predict --backend openai --model Qwen/Qwen2-VL-2B-Instruct --base_url http://127.0.0.1:8000/v1 \\
+        --jsonl data/bvpi_out/bvpi_sft_test.jsonl --image_root data/synthetic --out runs/vllm/preds_test.jsonl \\
+        --concurrency 8 [--structured vllm-regex]
 """
 
 from __future__ import annotations
@@ -38,7 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from bvip_helpers import schema
-from bvip_helpers.constrained import constrained_generate_kwargs, mandatory_trie, relation_consistency, repair_relation
+from bvip_helpers.backends import BACKENDS, BackendError, as_backend
+from bvip_helpers.constrained import constrained_generate_kwargs, relation_consistency, repair_relation
 from bvip_helpers.families import record_image_path, record_prompt
 from bvip_helpers.io import (
     MAX_IMAGE_PIXELS,
@@ -83,6 +93,8 @@ class PredictStats:
     duplicate_records: int = 0
     dropped_partial_lines: int = 0
     repaired: int = 0
+    failed: list[str] = field(default_factory=list)  # images whose caption never arrived, with the reason
+    schema_failures: int = 0  # served captions that do not fit the schema (marked schema_ok: false)
     relation: dict[str, Any] = field(default_factory=dict)  # contradictions among this run's captions
     seconds: float = 0.0
 
@@ -102,6 +114,10 @@ class PredictStats:
             parts.append(f"relation contradictions {self.relation['contradictions']}/{self.relation['checked']}")
         if self.repaired:
             parts.append(f"{self.repaired} relations repaired")
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed (rerun to retry them)")
+        if self.schema_failures:
+            parts.append(f"{self.schema_failures} off the schema")
         return (f"predict: {', '.join(parts)} in {self.seconds:.1f}s "
                 f"({self.captions_per_second:.2f} captions/s) -> {self.out_path}")
 
@@ -226,6 +242,8 @@ def resumable_lines(existing: list[dict[str, Any]], settings: Mapping[str, Any],
             return set(), (f"line {number} was not written by `bvip predict` (it lacks 'run_id' or the run's settings); "
                            "it may be the records file itself, another tool's output, or an older version's")
         different = {k: (line[k], settings[k]) for k in RUN_KEYS if line[k] != settings[k]}
+        if line.get("backend") != settings.get("backend"):  # another backend's settings (absent on the local path)
+            different["backend"] = (line.get("backend"), settings.get("backend"))
         if different:
             return set(), "other settings (" + ", ".join(f"{k}: file has {a!r}, this run {b!r}"
                                                          for k, (a, b) in different.items()) + ")"
@@ -261,8 +279,8 @@ def predict(model_or_spec: Any, records: Iterable[Mapping[str, Any]], image_root
             max_image_pixels: int = MAX_IMAGE_PIXELS) -> PredictStats:
     """Generate captions for ``records`` (dicts with ``image`` and optionally ``prompt``) into ``out_path``.
 
-    ``model_or_spec``: a :class:`LoadedModel`, or anything :func:`load` accepts (registry
-    name, spec, hub id, local dir), loaded with ``adapter``. Resumes an existing ``out_path``
+    ``model_or_spec``: a :class:`LoadedModel`, a backend of :mod:`bvip_helpers.backends`, or anything
+    :func:`load` accepts (registry name, spec, hub id, local dir), loaded with ``adapter``. Resumes an existing ``out_path``
     whose lines all belong to this run (see the module docstring); another file is refused, or
     moved to ``<out>.previous`` and started over with ``restart_if_changed``. A second process
     writing the same file gets :class:`~bvip_helpers.io.OutputLockedError`. A missing, corrupt or
@@ -277,15 +295,15 @@ def predict(model_or_spec: Any, records: Iterable[Mapping[str, Any]], image_root
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out_path):  # before loading the model: a second writer or an unwritable folder fails at once
-        loaded = model_or_spec if isinstance(model_or_spec, LoadedModel) else load(model_or_spec, adapter)
-        return _predict_locked(loaded, records, image_root, out_path, batch_size=batch_size,
+        backend = as_backend(model_or_spec, adapter, num_beams=num_beams, constrained=constrained)
+        return _predict_locked(backend, records, image_root, out_path, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, num_beams=num_beams, constrained=constrained,
                                repair_relation_field=repair_relation_field, limit=limit,
                                skip_bad_images=skip_bad_images, restart_if_changed=restart_if_changed,
                                progress=progress, max_image_pixels=max_image_pixels)
 
 
-def _predict_locked(loaded: LoadedModel, records: Iterable[Mapping[str, Any]], image_root: Path, out_path: Path, *,
+def _predict_locked(backend: Any, records: Iterable[Mapping[str, Any]], image_root: Path, out_path: Path, *,
                     batch_size: int, max_new_tokens: int, num_beams: int, constrained: bool,
                     repair_relation_field: bool, limit: int | None, skip_bad_images: bool,
                     restart_if_changed: bool, progress: bool, max_image_pixels: int) -> PredictStats:
@@ -294,9 +312,10 @@ def _predict_locked(loaded: LoadedModel, records: Iterable[Mapping[str, Any]], i
 
     stats = PredictStats(out_path=str(out_path))
     start = time.perf_counter()
-    settings = {"model": loaded.name, "adapter": loaded.adapter, "weights": weights_id(loaded),
-                "max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False,
-                "constrained": constrained, "repair_relation": repair_relation_field}
+    settings = {"model": backend.model_name, "adapter": backend.adapter, "weights": backend.weights_id(),
+                "max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": backend.do_sample,
+                "constrained": constrained, "repair_relation": repair_relation_field, **backend.run_settings()}
+    identity = {k: v for k, v in settings.items() if k != "server"}  # a restarted server elsewhere resumes the file
 
     unique: dict[str, Mapping[str, Any]] = {}
     for number, record in enumerate(records, start=1):
@@ -311,7 +330,7 @@ def _predict_locked(loaded: LoadedModel, records: Iterable[Mapping[str, Any]], i
         unique[key] = record
     stats.total = len(unique)
     paths = {key: safe_image_path(image_root, key) for key in unique}  # an escaping path stops the run here
-    expected = {key: run_id(settings, prompt_of(record), file_sha1(paths[key])) for key, record in unique.items()}
+    expected = {key: run_id(identity, prompt_of(record), file_sha1(paths[key])) for key, record in unique.items()}
 
     existing, stats.dropped_partial_lines = recover_output(out_path)
     if stats.dropped_partial_lines:
@@ -348,28 +367,36 @@ def _predict_locked(loaded: LoadedModel, records: Iterable[Mapping[str, Any]], i
 
     # Similar prompt lengths in one batch mean less padding.
     usable.sort(key=lambda item: (len(prompt_of(item[1])), str(item[2])))
-    trie = mandatory_trie(loaded.processor) if constrained else None
     texts: list[str] = []
-    bar = tqdm(total=len(usable), desc=f"predict {loaded.name}", unit="img", disable=not progress)
-    for begin in range(0, len(usable), batch_size):
-        batch = usable[begin: begin + batch_size]
+    bar = tqdm(total=len(usable), desc=f"predict {backend.model_name}", unit="img", disable=not progress)
+    step = max(batch_size, backend.concurrency)  # a served backend gets enough images to keep its requests busy
+    for begin in range(0, len(usable), step):
+        batch = usable[begin: begin + step]
         images = [load_image(path, max_image_pixels) for _, _, path in batch]
         prompts = [prompt_of(record) for _, record, _ in batch]
-        generated = _generate_batch(loaded, images, prompts, max_new_tokens=max_new_tokens,
-                                    num_beams=num_beams, trie=trie)
+        generated = backend.caption(images, prompts, max_new_tokens=max_new_tokens)
         lines = []
-        for (key, _, _), text in zip(batch, generated, strict=True):
-            line = {"image": key, "text": text, **settings, "run_id": expected[key]}
+        for (key, _, _), result in zip(batch, generated, strict=True):
+            if not result.ok:  # nothing arrived: reported, and left for the next run to retry
+                stats.failed.append(f"{key}: {result.error}")
+                continue
+            text = result.text
+            stats.schema_failures += result.extra.get("schema_ok") is False
+            line = {"image": key, "text": text, **settings, **result.extra, "run_id": expected[key]}
             if repair_relation_field:
                 fixed, changed = repair_relation(text)
                 line.update(text=fixed, text_raw=text, repaired=changed)
                 stats.repaired += changed
             texts.append(text)
             lines.append(line)
-        append_jsonl(out_path, lines)
-        stats.generated += len(batch)
+        if lines:
+            append_jsonl(out_path, lines)
+        stats.generated += len(lines)
         bar.update(len(batch))
     bar.close()
+    if stats.failed:
+        print(f"predict: {len(stats.failed)} image(s) got no caption (rerun to retry them): "
+              + "; ".join(stats.failed[:5]) + (" ..." if len(stats.failed) > 5 else ""), file=sys.stderr)
     stats.relation = relation_consistency(texts)  # of the raw model output, before any repair
     stats.seconds = time.perf_counter() - start
     return stats
@@ -381,7 +408,8 @@ def _predict_locked(loaded: LoadedModel, records: Iterable[Mapping[str, Any]], i
 def configure_cli(parser: argparse.ArgumentParser) -> None:
     from bvip_helpers.io import resolve_cli_path
 
-    parser.add_argument("--model", required=True, help="registry name, hub id or local model folder")
+    parser.add_argument("--model", default=None, help="registry name, hub id or local model folder; for a served "
+                        "backend, the name the server knows the model by (openai: default $OPENAI_MODEL)")
     parser.add_argument("--adapter", type=resolve_cli_path, default=None, help="PEFT adapter folder loaded on top of --model")
     parser.add_argument("--jsonl", type=resolve_cli_path, required=True, help="records with 'image' (and 'prompt'), e.g. bvpi_sft_test.jsonl")
     parser.add_argument("--image_root", type=resolve_cli_path, required=True, help="folder the records' image paths are relative to")
@@ -414,6 +442,70 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
                         help="auto (bf16 on compute capability 8.0 or more, fp16 on older GPUs such as the T4, fp32 on "
                              "CPU and MPS) | bf16 | fp16 | fp32 (default: auto)")
 
+    _configure_backend_cli(parser.add_argument_group("backends (bvip_helpers.backends)"))
+
+
+def _configure_backend_cli(group: Any) -> None:
+    from bvip_helpers import structured
+    from bvip_helpers.backends import PROMPT_PRESETS, SCHEMA_FAILURE_CHOICES
+
+    group.add_argument("--backend", choices=BACKENDS, default="transformers",
+                       help="transformers (local, default), openai (any OpenAI-compatible server), ollama, "
+                       "clip-interrogator (BLIP caption + CLIP-ranked BVIP phrases), chain (see --chain)")
+    group.add_argument("--prompt", choices=sorted(PROMPT_PRESETS), default=None,
+                       help="caption every image with this preset instead of the records' prompts")
+    group.add_argument("--base_url", default=None, help="served backends: the server, e.g. http://127.0.0.1:8000/v1 "
+                       "(default: $OPENAI_BASE_URL, or $OLLAMA_HOST for ollama)")
+    group.add_argument("--api_key_env", default="OPENAI_API_KEY",
+                       help="openai: the environment variable holding the API key (never given on the command line)")
+    group.add_argument("--concurrency", type=int, default=4, help="served backends: requests in flight (default: 4)")
+    group.add_argument("--timeout", type=float, default=120.0, help="served backends: seconds per request")
+    group.add_argument("--retries", type=int, default=4,
+                       help="served backends: more tries after a 429, 5xx, timeout or dropped connection")
+    group.add_argument("--backoff", type=float, default=1.0, help="served backends: first wait between tries, doubling")
+    group.add_argument("--temperature", type=float, default=0.0, help="served backends: 0 = greedy (default)")
+    group.add_argument("--seed", type=int, default=None, help="served backends: a sampling seed, sent when given")
+    group.add_argument("--structured", choices=structured.DIALECTS, default="none",
+                       help="served backends: ask for the caption schema in this server's dialect (vllm-regex, "
+                       "vllm-json, llamacpp-grammar, llamacpp-json, json-schema for OpenAI, LM Studio, Ollama)")
+    group.add_argument("--on_schema_failure", choices=SCHEMA_FAILURE_CHOICES, default="mark",
+                       help="served backends: a caption off the schema is marked (schema_ok: false) or asked again")
+    group.add_argument("--image_format", choices=("png", "jpeg"), default="png",
+                       help="served backends: how images travel (png is lossless)")
+    group.add_argument("--captioner", default=None, help="clip-interrogator: the BLIP caption model (default: blip-large)")
+    group.add_argument("--top_k", type=int, default=3, help="clip-interrogator: object phrases kept")
+    group.add_argument("--chain", default=None,
+                       help="chain: BACKEND:MODEL[@URL],BACKEND:MODEL[@URL],... ; every step after the first "
+                       "refines the previous description")
+
+
+#: backends whose --model is a model folder here (a served backend's model is the server's name for it)
+_LOCAL_BACKENDS = ("transformers", "clip-interrogator")
+
+
+def _cli_model(backend: str, model: str | None) -> str | None:
+    """A local model folder given on the command line resolves against the current directory."""
+    from bvip_helpers.io import resolve_cli_path
+
+    if model and backend in _LOCAL_BACKENDS and Path(model).expanduser().is_dir():
+        return str(resolve_cli_path(model))
+    return model
+
+
+def _cli_backend(args: argparse.Namespace) -> Any:
+    from bvip_helpers.backends import CLIP_INTERROGATOR_CAPTIONER, make_backend, parse_chain
+
+    chain = args.chain and ",".join(f"{kind}:{_cli_model(kind, model)}" + (f"@{url}" if url else "")
+                                    for kind, model, url in parse_chain(args.chain))
+    served = {"base_url": args.base_url, "api_key_env": args.api_key_env, "concurrency": args.concurrency,
+              "timeout": args.timeout, "retries": args.retries, "backoff": args.backoff,
+              "temperature": args.temperature, "seed": args.seed, "structured_output": args.structured,
+              "on_schema_failure": args.on_schema_failure, "image_format": args.image_format}
+    return make_backend(args.backend, _cli_model(args.backend, args.model), adapter=args.adapter,
+                        num_beams=args.num_beams, constrained=args.constrained, chain=chain,
+                        captioner=_cli_model("transformers", args.captioner) or CLIP_INTERROGATOR_CAPTIONER,
+                        top_k=args.top_k, **served)
+
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The records of ``--jsonl``; :class:`ValueError` naming the file and line for a bad one."""
@@ -430,23 +522,30 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from bvip_helpers.io import resolve_cli_path
+    from bvip_helpers.backends import PROMPT_PRESETS
     from bvip_helpers.registry import UnknownModelError
 
-    model = str(resolve_cli_path(args.model)) if Path(args.model).expanduser().is_dir() else args.model
     try:
         if args.out.resolve() == args.jsonl.resolve():
             raise ValueError(f"--out {args.out} is the --jsonl records file itself: the predictions would be "
                              "appended to the records; write them to another file")
         records = read_records(args.jsonl)
-        loaded = load(model, args.adapter, device=args.device, dtype=args.dtype)
-        print(f"predict: {loaded.name} on {loaded.model.device}, {loaded.model.dtype}", file=sys.stderr)
-        stats = predict(loaded, records, args.image_root, args.out, adapter=args.adapter,
+        if args.prompt:
+            records = [{"image": record_image_path(r), "prompt": PROMPT_PRESETS[args.prompt]} for r in records]
+        if args.backend == "transformers":  # the local path: load it here, so the device is reported
+            model = _cli_model("transformers", args.model)
+            if not model:
+                raise ValueError("--model is required (a registry name, hub id or model folder)")
+            model = load(model, args.adapter, device=args.device, dtype=args.dtype)
+            print(f"predict: {model.name} on {model.model.device}, {model.model.dtype}", file=sys.stderr)
+        else:
+            model = _cli_backend(args)
+        stats = predict(model, records, args.image_root, args.out, adapter=args.adapter,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                         constrained=args.constrained, repair_relation_field=args.repair_relation, limit=args.limit,
                         skip_bad_images=args.skip_bad_images, restart_if_changed=args.restart_if_changed,
                         progress=not args.no_progress, max_image_pixels=args.max_image_pixels)
-    except (ImagePathError, JsonlError, OutputLockedError, ValueError) as err:  # a DevicePolicyError is a ValueError
+    except (ImagePathError, JsonlError, OutputLockedError, ValueError, BackendError) as err:  # DevicePolicyError too
         print(f"bvip predict: error: {err}", file=sys.stderr)
         return 2
     except UnknownModelError as err:
@@ -458,5 +557,6 @@ def run_cli(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     print(stats.summary())
-    print(json.dumps({k: v for k, v in asdict(stats).items() if k != "bad_images"}, default=str))
-    return 0
+    summary = {k: v for k, v in asdict(stats).items() if k not in ("bad_images", "failed")}
+    print(json.dumps({**summary, "failed": len(stats.failed)}, default=str))
+    return 1 if stats.failed else 0

@@ -4,7 +4,8 @@ Every HF-native entry is trained by the same code path (``bvip sft``); the entry
 what differs between architectures: which class loads it, how the prompt is built, which
 linear layers get LoRA, what stays frozen, how big the images are and which batch recipe
 fits a 16 GB or an 80 GB GPU. Export-only entries train in their original repositories
-(``bvip export``); the tiny ``tiny-<family>`` twins are random-weight local copies of each
+(``bvip export``); zero-shot entries only caption, some of them through a server (``bvip predict --backend
+ollama|openai``, :mod:`bvip_helpers.backends`); the tiny ``tiny-<family>`` twins are random-weight local copies of each
 HF family (``bvip tiny-model``) so that every code path runs offline on a CPU.
 
 Hub ids and classes were checked against the Transformers model docs (see ``docs/models.md``)
@@ -65,6 +66,8 @@ class ModelSpec:
     trust_remote_code_needed: bool = False
     exporter: str | None = None  # "internvl" | "openflamingo" | "mobilevlm" | "moondream"
     notes: str = ""
+    backend: str = "transformers"  # the bvip predict backend that runs it (bvip_helpers.backends)
+    endpoint: str | None = None  # a served model's default base URL (--base_url overrides it)
 
     @property
     def is_local(self) -> bool:
@@ -74,6 +77,11 @@ class ModelSpec:
     @property
     def is_export_only(self) -> bool:
         return self.trainer == "export"
+
+    @property
+    def is_zero_shot_only(self) -> bool:
+        """Captions zero-shot and is never fine-tuned here (served models, BLIP-2 FlanT5)."""
+        return self.trainer == "zero-shot"
 
 
 # --- LoRA targets, per architecture ------------------------------------------
@@ -188,6 +196,15 @@ _HF_NATIVE: list[ModelSpec] = [
     _hf("blip2-opt-2.7b", "Salesforce/blip2-opt-2.7b", "blip2", "Blip2ForConditionalGeneration",
         "Blip2Processor", "mit", prompt_style="none", image_note="fixed 224x224", r16=_r(2, 8, "fp16", True),
         r24=_r(4, 4, "bf16"), r80=_r(16, 1, "bf16"), notes="Q-Former + OPT-2.7B; LoRA on OPT."),
+    replace(_hf("blip2-flan-t5-xl", "Salesforce/blip2-flan-t5-xl", "blip2", "Blip2ForConditionalGeneration",
+                "Blip2Processor", "mit", prompt_style="none", image_note="fixed 224x224", r16=_r(2, 8, "fp16", True),
+                r24=_r(4, 4, "bf16"), r80=_r(16, 1, "bf16")), trainer="zero-shot", lora_target_modules=None,
+            notes="Zero-shot only: FlanT5-XL writes short captions, so it serves as the first expert of a chain "
+            "(bvip predict --backend chain); its encoder-decoder LM is not what the blip2 SFT batches build."),
+    _hf("blip-large", "Salesforce/blip-image-captioning-large", "blip", "BlipForConditionalGeneration",
+        "BlipProcessor", "bsd-3-clause", prompt_style="none", image_note="fixed 384x384",
+        r16=_r(8, 2, "fp16"), r24=_r(16, 1, "bf16"), r80=_r(32, 1, "bf16"),
+        notes="CLIP-Interrogator's caption model (bvip predict --backend clip-interrogator)."),
     _hf("llava-onevision-0.5b", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "llava-onevision",
         "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor", "apache-2.0",
         image_note="anyres up to 3x3 tiles of 384", r16=_r(2, 8, "fp16"), r24=_r(8, 2, "bf16"),
@@ -248,6 +265,34 @@ _EXPORT_ONLY: list[ModelSpec] = [
 ]
 
 
+def _zero_shot(name: str, model_id: str, backend: str, model_class: str, licence: str, *, notes: str,
+               endpoint: str | None = None, processor_class: str = "(the server's)") -> ModelSpec:
+    return ModelSpec(
+        name=name, hub_id=model_id, family=None, model_class=model_class, processor_class=processor_class,
+        licence=licence, prompt_style="chat", task_prefix=None, trainer="zero-shot", lora_target_modules=None,
+        frozen_modules=(), backend=backend, endpoint=endpoint, notes=notes,
+    )
+
+
+#: Models that only caption, each through its backend: the source project's LLaVA on Ollama, its remote APIs
+#: (any OpenAI-compatible endpoint works the same way) and CLIP-Interrogator's CLIP.
+_ZERO_SHOT: list[ModelSpec] = [
+    _zero_shot("llava-7b", "llava:7b", "ollama", "LLaVA 1.6 (Ollama)", "llama 2 community / apache-2.0 (see its "
+               "Ollama page)", notes="`ollama pull llava:7b`, then `bvip predict --backend ollama --model llava:7b`; "
+               "images go as raw base64, the schema as Ollama's `format`."),
+    _zero_shot("gpt-4o", "gpt-4o", "openai", "GPT-4o (API)", "proprietary (OpenAI terms)",
+               endpoint="https://api.openai.com/v1",
+               notes="A remote API through the openai backend: key in $OPENAI_API_KEY, `--structured json-schema`."),
+    _zero_shot("gemini-2.0-flash", "gemini-2.0-flash", "openai", "Gemini 2.0 Flash (API)",
+               "proprietary (Google terms)", endpoint="https://generativelanguage.googleapis.com/v1beta/openai",
+               notes="Gemini's OpenAI-compatible endpoint through the openai backend: `--api_key_env GEMINI_API_KEY`."),
+    _zero_shot("clip-interrogator", "openai/clip-vit-large-patch14", "clip-interrogator", "CLIPModel", "mit",
+               processor_class="CLIPProcessor",
+               notes="CLIP ViT-L/14 ranks BVIP phrases (sidewalk, road, objects and their sides) for blip-large's "
+               "caption: CLIP-Interrogator's method on transformers' classes."),
+]
+
+
 def _tiny_base() -> ModelSpec:
     twin = _tiny(next(s for s in _HF_NATIVE if s.name == FAMILY_REFERENCE["qwen2-vl"]))
     return replace(twin, name=TINY_BASE, hub_id=TINY_BASE_DIR, licence="n/a (local, synthetic captions)",
@@ -262,6 +307,7 @@ MODELS: dict[str, ModelSpec] = {
         *(_tiny(s) for s in _HF_NATIVE if s.name in FAMILY_REFERENCE.values()),
         _tiny_base(),
         *_EXPORT_ONLY,
+        *_ZERO_SHOT,
     ]
 }
 
@@ -407,6 +453,9 @@ def load_model_and_processor(spec: ModelSpec | str, *, adapter: str | os.PathLik
         route = f"`bvip export --format {spec.exporter}`" if spec.exporter else "its notes"
         raise ValueError(f"{spec.name} is export-only (trains outside Transformers); "
                          f"use {route} and the original repository ({spec.notes})")
+    if spec.backend != "transformers":
+        raise ValueError(f"{spec.name} is not loaded in this process: caption with "
+                         f"`bvip predict --backend {spec.backend} --model {spec.name}` ({spec.notes})")
     if spec.trust_remote_code_needed and not trust_remote_code:
         raise ValueError(f"{spec.name} needs trust_remote_code=True; read the remote code first, then pass it")
     import transformers
@@ -489,6 +538,8 @@ _TABLE_COLUMNS = ("name", "hub id", "family", "class", "trainer", "prompt", "lic
 def _row(spec: ModelSpec) -> tuple[str, ...]:
     prompt = spec.prompt_style + (f" `{spec.task_prefix}`" if spec.task_prefix else "")
     trainer = spec.trainer if not spec.is_export_only else f"export ({spec.exporter or 'see notes'})"
+    if spec.backend != "transformers":
+        trainer += f" ({spec.backend})"
     recipe = {k: (r.short() if r else "-") for k, r in spec.recipes.items()}
     r16 = recipe.get("16gb") or recipe.get("cpu", "-")
     r24, r80 = recipe.get("24gb", "-"), recipe.get("80gb", "-")
@@ -543,7 +594,9 @@ def registry_table(markdown: bool = True) -> str:
         "(https://huggingface.co/docs/transformers/model_doc/<model>: qwen2_vl, qwen2_5_vl, smolvlm, "
         "paligemma, florence2, deepseek_vl, internvl, janus, blip, blip-2, llava_onevision) and against the "
         "classes exported by the installed `transformers`. Export-only entries follow the original "
-        "repositories (see `docs/exporters.md`).",
+        "repositories (see `docs/exporters.md`). Zero-shot entries caption only; those with a backend in the "
+        "trainer column run through `bvip predict --backend` (Ollama's /api/chat, any OpenAI-compatible "
+        "chat-completions endpoint, or CLIP-Interrogator's method on transformers' CLIP and BLIP classes).",
         "",
     ]
     return "\n".join(out)

@@ -9,13 +9,15 @@ the leaderboard always describe the same images:
   left out on purpose (a limit, a sample) is not counted as a miss;
 - :func:`eval_variants` and :func:`run_dir` -- one variant per base model, adapter and decoding, and
   the folder under ``runs/`` where its predictions and ``eval_<split>.json`` live (the leaderboard
-  reads them from there).
+  reads them from there);
+- :func:`zero_shot_dir` and :func:`chain_dir` -- the same for notebook 00's zero-shot backends and chains.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,3 +105,21 @@ def run_dir(variant: Mapping[str, Any], runs_dir: str | os.PathLike[str]) -> Pat
         return base / ("constrained" if constrained else "eval")
     slug = Path(str(variant["model"]).rstrip("/")).name
     return runs_dir / slug / ("zero_shot_constrained" if constrained else "zero_shot")
+
+
+def model_slug(model: str) -> str:
+    """A folder name for a model: the last part of its id or path, other characters than letters, digits,
+    ``._+-`` made ``-`` (``Qwen/Qwen2-VL-7B-Instruct`` -> ``Qwen2-VL-7B-Instruct``, ``llava:7b`` -> ``llava-7b``)."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", Path(str(model).rstrip("/")).name).strip("-") or "model"
+
+
+def zero_shot_dir(runs_dir: str | os.PathLike[str], backend: str, model: str, prompt: str) -> Path:
+    """Where notebook 00 puts one zero-shot run: ``<runs_dir>/<model>/zero_shot_<backend>_<prompt>`` (beside
+    notebook 05's ``zero_shot``, so the leaderboard lists them under the same model)."""
+    return resolve(runs_dir) / model_slug(model) / f"zero_shot_{backend}_{prompt}"
+
+
+def chain_dir(runs_dir: str | os.PathLike[str], models: Sequence[str], prompt: str) -> Path:
+    """Where a chain's predictions go: ``<runs_dir>/chain_<model>+<model>.../<prompt>``; each step's report goes
+    into ``step_<n>/`` below it, a leaderboard row per expert."""
+    return resolve(runs_dir) / ("chain_" + "+".join(model_slug(m) for m in models)) / prompt

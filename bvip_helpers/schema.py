@@ -365,3 +365,6 @@ DEFAULT_PROMPT = (
     "RoadVsSidewalk: <left_of|right_of|crossing_front|unknown>.', then list close objects "
     "after 'Nearby:', far ones after 'Far:', then 'Context:'."
 )
+#: A plain captioning instruction with nothing of the BVIP format: what a generic captioner is asked (the demo's
+#: base model was pre-trained on it), and the zero-shot baseline prompt beside :data:`DEFAULT_PROMPT`.
+PLAIN_PROMPT = "Describe this image."

@@ -456,6 +456,8 @@ def _trainable_in_fp32(model: Any) -> None:
 
 def _trainer_kind(params: SFTParams, spec: Any) -> str:
     kind = params.trainer or getattr(spec, "trainer", "") or "trl_sft"
+    if kind == "zero-shot":
+        raise ValueError(f"{spec.name} is zero-shot only, not fine-tuned here: {spec.notes}")
     if kind not in {"trl_sft", "collator_trainer"}:
         raise ValueError(f"trainer {kind!r}: choose trl_sft or collator_trainer")
     return kind

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU demo on the embedded defaults: synthetic scenes -> dataset -> SFT from the committed base -> evaluation
-# -> error gallery.
+# -> zero-shot backends beside it -> error gallery.
 # Executed notebooks land in runs/demo/, figures in figures/, the leaderboard in runs/leaderboard.md.
 # The notebooks' own defaults suit a real checkpoint; the demo's parameters come from bvip_helpers/demo/settings.py
 # (`bvip demo params <notebook>`), and each executed notebook shows them in its injected-parameters cell.
@@ -35,6 +35,7 @@ bvip demo copy-paste --data_dir data/bvpi_out --image_root data/synthetic
 notebook 03_sft
 notebook 04_dpo
 notebook 05_eval
+notebook 00_zero_shot
 notebook 06_error_gallery
 
 step "done in $(( $(date +%s) - start ))s"

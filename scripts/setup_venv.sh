@@ -21,6 +21,6 @@ pip_install() {  # quiet, minus the harmless notes some pip configs print for ev
 }
 # torch first, pinned, so nothing pulls a different multi-GB build.
 pip_install torch torchvision
-pip_install -e ".[dev,metrics,export]"
+pip_install -e ".[dev,metrics,export,serve]"
 echo "$want" > "$stamp"
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers, trl, peft; print("torch", torch.__version__, "| transformers", transformers.__version__, "| trl", trl.__version__, "| peft", peft.__version__)')"

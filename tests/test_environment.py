@@ -26,7 +26,7 @@ def test_environment_yml_lists_what_pyproject_installs():
     pip = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict))
     conda_pip = {_name(r) for r in pip if not r.startswith("-e")}
     groups = _pyproject()
-    wanted = groups["core"] | groups["metrics"] | groups["export"] | groups["dev"]  # what make venv installs
+    wanted = groups["core"] | groups["metrics"] | groups["export"] | groups["serve"] | groups["dev"]  # what make venv installs
     assert conda_pip == wanted, f"only in environment.yml: {sorted(conda_pip - wanted)}; " \
                                 f"only in pyproject.toml: {sorted(wanted - conda_pip)}"
     assert "bitsandbytes" in (REPO / "environment.yml").read_text()  # the GPU extra, commented out
@@ -40,5 +40,5 @@ def test_ci_pins_every_package_make_venv_installs():
     pinned = {_name(line) for line in (REPO / "scripts" / "constraints.txt").read_text().splitlines()
               if line.strip() and not line.startswith("#")}
     groups = _pyproject()
-    unpinned = (groups["core"] | groups["dev"]) - pinned
+    unpinned = (groups["core"] | groups["serve"] | groups["dev"]) - pinned
     assert not unpinned, f"not pinned in scripts/constraints.txt: {sorted(unpinned)}"

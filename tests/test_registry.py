@@ -15,7 +15,8 @@ from bvip_helpers.registry import MODELS, get_spec, load_model_and_processor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-HF_NATIVE = [s for s in MODELS.values() if not s.is_export_only and not s.name.startswith("tiny-")]
+HF_NATIVE = [s for s in MODELS.values()
+             if not s.is_export_only and not s.name.startswith("tiny-") and s.backend == "transformers"]
 QWEN_SIZE = {"shortest_edge": 256 * 28 * 28, "longest_edge": 640 * 28 * 28}
 
 
@@ -33,6 +34,7 @@ def test_every_family_has_a_real_model_and_a_tiny_twin():
 def test_trainer_and_prompt_rules():
     for spec in HF_NATIVE:
         expected = "trl_sft" if spec.family in registry.DECODER_ONLY else "collator_trainer"
+        expected = "zero-shot" if spec.is_zero_shot_only else expected
         assert spec.trainer == expected, spec.name
         assert spec.prompt_style in ("chat", "prefix", "none")
         assert (spec.task_prefix is not None) == (spec.prompt_style == "prefix"), spec.name

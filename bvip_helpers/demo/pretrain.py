@@ -49,11 +49,11 @@ from bvip_helpers.io import (
     write_jsonl,
 )
 from bvip_helpers.registry import TWIN_META_FILE, get_spec, load_model_and_processor
-from bvip_helpers.schema import OBJECT_CLASSES
+from bvip_helpers.schema import OBJECT_CLASSES, PLAIN_PROMPT
 
 SETTINGS_FILE = "pretrain_settings.json"
 #: What a generic captioner is asked during pre-training; the BVIP instruction is new to it at SFT time.
-GENERIC_CAPTION_PROMPT = "Describe this image."
+GENERIC_CAPTION_PROMPT = PLAIN_PROMPT
 #: What the vision tower learns to tell apart in every patch: the surfaces, then each object class close and far.
 PATCH_CLASSES = ("other", "sidewalk", "road", *(f"{o.name} close" for o in OBJECT_CLASSES),
                  *(f"{o.name} far" for o in OBJECT_CLASSES))

@@ -51,18 +51,23 @@ def copy_paste_train_file() -> str:
 
 
 def notebook_params(notebook: str) -> dict[str, Any]:
-    """The papermill parameters ``make demo`` gives ``notebook`` (``03_sft``, ``05_eval``, ``06_error_gallery``;
-    others get none).
+    """The papermill parameters ``make demo`` gives ``notebook`` (``00_zero_shot``, ``03_sft``, ``04_dpo``,
+    ``05_eval``, ``06_error_gallery``; others get none).
 
     SFT: lr 4e-3 and rank 64 where a real checkpoint wants about 2e-4 and 16. A random-init twin has learned
     far less than a real model, so it must move further in 1,000 steps; the output layer (``lm_head``) is
     trained in full beside LoRA because caption pre-training never taught its rows for the words only the
     BVIP format uses (``Nearby``, ``nothing``, ``RoadVsSidewalk``). Evaluation: the base and its adapter,
     400 training images captioned again (under- or overfitting?). Error gallery: the zero-shot, SFT and DPO test
-    predictions of notebook 05. Training and evaluation run on the CPU wherever they run (``device="cpu"``; the
-    notebooks' ``auto`` would pick CUDA or MPS), so the demo's numbers are the same on every machine.
+    predictions of notebook 05. Zero-shot (run after notebook 05, so its rows join the SFT and DPO ones): the base
+    asked with each prompt preset, and a chain of the base refining its own description, on the whole test split.
+    Training and evaluation run on the CPU wherever they run (``device="cpu"``; the notebooks' ``auto`` would pick
+    CUDA or MPS), so the demo's numbers are the same on every machine.
     """
     key = notebook.removesuffix(".ipynb")
+    if key == "00_zero_shot":  # after 05: the base with each prompt, and a chain of the base refining itself
+        base = {"backend": "transformers", "model": TINY_BASE}
+        return {"BACKENDS": [base], "PROMPTS": ["plain", "bvip"], "CHAIN": [dict(base), dict(base)]}
     if key == "03_sft":
         return {"model": TINY_BASE, "lr": 4e-3, "lora_r": 64, "lora_alpha": 64, "max_steps": 1000,
                 "batch_size": 16, "grad_accum": 1, "save_steps": 250, "lora_targets": TWIN_LORA_TARGETS,

@@ -24,7 +24,7 @@ def _parameters(notebook: str) -> dict:
             for node in ast.parse(nb.cells[1].source).body if isinstance(node, ast.Assign)}
 
 
-@pytest.mark.parametrize("notebook", ["03_sft", "04_dpo", "05_eval", "06_error_gallery"])
+@pytest.mark.parametrize("notebook", ["00_zero_shot", "03_sft", "04_dpo", "05_eval", "06_error_gallery"])
 def test_demo_parameters_are_parameters_of_the_notebook(notebook):
     demo, defaults = settings.notebook_params(notebook), _parameters(notebook)
     assert demo, "the demo passes this notebook its own settings"
@@ -98,3 +98,11 @@ def test_committed_base_writes_a_generic_caption_without_the_mandatory_fields():
         assert "sidewalk" in text.lower(), text
         assert not any(parsed.fields.values()), f"the base already writes BVIP fields: {text!r}"
         assert "Nearby:" not in text
+
+
+def test_the_demo_runs_notebook_00_after_05_on_the_committed_base():
+    script = (REPO / "scripts" / "demo.sh").read_text()
+    assert script.index("notebook 05_eval") < script.index("notebook 00_zero_shot") < script.index("notebook 06_error")
+    zero_shot = settings.notebook_params("00_zero_shot")
+    assert {entry["model"] for entry in zero_shot["BACKENDS"] + zero_shot["CHAIN"]} == {"tiny-qwen2-vl-base"}
+    assert len(zero_shot["CHAIN"]) == 2 and zero_shot["PROMPTS"] == ["plain", "bvip"]
