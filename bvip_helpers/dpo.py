@@ -31,12 +31,13 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bvip_helpers import families
-from bvip_helpers.io import resolve, resolve_cli_path, write_json
+from bvip_helpers.io import resolve, write_json
+from bvip_helpers.params import add_flags, from_flags, param
 
 #: What the image-reliance check shows the model instead of the scene (``original`` is the scene itself).
 IMAGE_VARIANTS = ("original", "blank", "mirror")
@@ -54,41 +55,37 @@ RUN_MARKERS = ("adapter_model.safetensors", "dpo_result.json", "checkpoint-*")
 SIDE_ERRORS = ("sidewalk_flipped", "road_flipped", "object_side_flipped")
 
 
-def _arg(default: Any, help: str, *, path: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "path": path})
-
-
 @dataclass
 class DPOParams:
     """Everything one DPO run needs; the ``bvip dpo`` flags mirror these names."""
 
-    model: str = _arg("qwen2-vl-2b", "the base model the SFT adapter was trained on (registry name, hub id, folder)")
-    adapter: str = _arg("", "the SFT adapter folder: policy and reference start from it", path=True)
-    train_pairs: str = _arg("", "preference pairs JSONL (`bvip pairs`)", path=True)
-    val_pairs: str = _arg("", "held-out pairs for the preference report (optional)", path=True)
-    image_root: str = _arg("data/synthetic", "folder the pairs' image paths are relative to", path=True)
-    output_dir: str = _arg("", "where the DPO adapter goes (default: runs/<model>/dpo)", path=True)
-    beta: float = _arg(0.1, "how far the policy may move from the reference (higher: less)")
-    loss_type: str = _arg("sigmoid", "comma list of TRL loss types; sigmoid,bco_pair,sft with weights is MPO")
-    loss_weights: str = _arg("", "comma list of weights, one per loss type (default: all 1.0)")
-    lr: float = _arg(5e-6, "peak learning rate (LoRA DPO on a 1-3B model: 5e-7 to 5e-6)")
-    lr_scheduler: str = _arg("cosine", "transformers scheduler name")
-    warmup: float = _arg(0.1, "warmup steps (>= 1) or a fraction of all steps (< 1)")
-    epochs: float = _arg(1.0, "passes over the pairs (max_steps > 0 overrides it)")
-    max_steps: int = _arg(-1, "optimizer steps; > 0 overrides epochs")
-    batch_size: int = _arg(4, "pairs per device and step (each pair is two sequences)")
-    grad_accum: int = _arg(1, "gradient accumulation")
-    max_length: int = _arg(1024, "longest sequence in tokens; a longer one is refused, never truncated")
-    optim: str = _arg("adamw_torch", "transformers optimizer name")
-    seed: int = _arg(0, "seed of the data order")
-    save_steps: int = _arg(0, "a checkpoint every N steps (0: only the final adapter)")
-    save_total_limit: int = _arg(2, "checkpoints kept")
-    logging_steps: int = _arg(5, "log every N steps")
-    resume: str = _arg("", '"" (fresh), "auto" (latest complete checkpoint in output_dir) or a checkpoint folder')
-    overwrite: bool = _arg(False, "train again into an output_dir that holds an earlier DPO run (its files are deleted)")
-    example_cache_gb: float = _arg(2.0, "processed sequences kept in memory (0: none)")
-    device: str = _arg("auto", "auto (CUDA, else MPS, else CPU) | cuda | mps | cpu")
-    dtype: str = _arg("auto", "auto (bf16 from compute capability 8.0, fp16 below, fp32 on the CPU) | bf16 | fp16 | fp32")
+    model: str = param("qwen2-vl-2b", "the base model the SFT adapter was trained on (registry name, hub id, folder)")
+    adapter: str = param("", "the SFT adapter folder: policy and reference start from it", path=True)
+    train_pairs: str = param("", "preference pairs JSONL (`bvip pairs`)", path=True)
+    val_pairs: str = param("", "held-out pairs for the preference report (optional)", path=True)
+    image_root: str = param("data/synthetic", "folder the pairs' image paths are relative to", path=True)
+    output_dir: str = param("", "where the DPO adapter goes (default: runs/<model>/dpo)", path=True)
+    beta: float = param(0.1, "how far the policy may move from the reference (higher: less)")
+    loss_type: str = param("sigmoid", "comma list of TRL loss types; sigmoid,bco_pair,sft with weights is MPO")
+    loss_weights: str = param("", "comma list of weights, one per loss type (default: all 1.0)")
+    lr: float = param(5e-6, "peak learning rate (LoRA DPO on a 1-3B model: 5e-7 to 5e-6)")
+    lr_scheduler: str = param("cosine", "transformers scheduler name")
+    warmup: float = param(0.1, "warmup steps (>= 1) or a fraction of all steps (< 1)")
+    epochs: float = param(1.0, "passes over the pairs (max_steps > 0 overrides it)")
+    max_steps: int = param(-1, "optimizer steps; > 0 overrides epochs")
+    batch_size: int = param(4, "pairs per device and step (each pair is two sequences)")
+    grad_accum: int = param(1, "gradient accumulation")
+    max_length: int = param(1024, "longest sequence in tokens; a longer one is refused, never truncated")
+    optim: str = param("adamw_torch", "transformers optimizer name")
+    seed: int = param(0, "seed of the data order")
+    save_steps: int = param(0, "a checkpoint every N steps (0: only the final adapter)")
+    save_total_limit: int = param(2, "checkpoints kept")
+    logging_steps: int = param(5, "log every N steps")
+    resume: str = param("", '"" (fresh), "auto" (latest complete checkpoint in output_dir) or a checkpoint folder')
+    overwrite: bool = param(False, "train again into an output_dir that holds an earlier DPO run (its files are deleted)")
+    example_cache_gb: float = param(2.0, "processed sequences kept in memory (0: none)")
+    device: str = param("auto", "auto (CUDA, else MPS, else CPU) | cuda | mps | cpu")
+    dtype: str = param("auto", "auto (bf16 from compute capability 8.0, fp16 below, fp32 on the CPU) | bf16 | fp16 | fp32")
 
     @property
     def model_slug(self) -> str:
@@ -409,25 +406,11 @@ def load_scoring_model(model: str, adapters: Mapping[str, str | Path], *, device
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
-    from bvip_helpers.sft import parse_bool
-
-    defaults = DPOParams()
-    for f in fields(DPOParams):
-        default, help_text = getattr(defaults, f.name), f.metadata.get("help", "")
-        kind = parse_bool if isinstance(default, bool) else type(default)
-        parser.add_argument(f"--{f.name}", type=kind, default=default, help=f"{help_text} (default {default!r})")
+    add_flags(parser, DPOParams)
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    values = {f.name: getattr(args, f.name) for f in fields(DPOParams)}
-    for f in fields(DPOParams):
-        if f.metadata.get("path") and values[f.name]:
-            values[f.name] = str(resolve_cli_path(values[f.name]))
-    if values["resume"] not in ("", "auto"):
-        values["resume"] = str(resolve_cli_path(values["resume"]))
-    if Path(values["model"]).expanduser().is_dir():
-        values["model"] = str(resolve_cli_path(values["model"]))
-    params = DPOParams(**values)
+    params = from_flags(args, DPOParams)
     try:
         result = train_dpo(params)
     except (FileNotFoundError, ValueError, RuntimeError) as err:

@@ -54,76 +54,71 @@ from bvip_helpers.io import (
     read_jsonl,
     remove_tree,
     resolve,
-    resolve_cli_path,
     write_json,
 )
+from bvip_helpers.params import add_flags, from_flags, param, parse_bool  # noqa: F401 - parse_bool: sft.parse_bool
 from bvip_helpers.registry import TWIN_META_FILE, get_spec, recipe_for
 
 METHODS = ("lora", "qlora", "full")
-
-
-def _arg(default: Any, help: str, *, path: bool = False) -> Any:
-    """A dataclass field with the ``bvip sft`` flag's help text (``path``: a command-line path, read from the cwd)."""
-    return field(default=default, metadata={"help": help, "path": path})
 
 
 @dataclass
 class SFTParams:
     """Everything one SFT run needs; the ``bvip sft`` flags mirror these names, with these help texts."""
 
-    model: str = _arg("qwen2-vl-2b", "registry name (`bvip models`), hub id or local checkpoint folder")
-    data_dir: str = _arg("data/bvpi_out", "holds bvpi_chat_{train,val}.jsonl (or bvpi_sft_*) from `bvip build-dataset`",
+    model: str = param("qwen2-vl-2b", "registry name (`bvip models`), hub id or local checkpoint folder")
+    data_dir: str = param("data/bvpi_out", "holds bvpi_chat_{train,val}.jsonl (or bvpi_sft_*) from `bvip build-dataset`",
                          path=True)
-    image_root: str = _arg("data/synthetic", "folder the records' image paths are relative to", path=True)
-    output_dir: str = _arg("", "where the adapter, checkpoints and reports go (default: runs/<model>/sft)", path=True)
-    method: str = _arg("lora", "lora | qlora (4-bit base, CUDA only) | full")
-    lora_r: int = _arg(16, "LoRA rank: the capacity of the update")
-    lora_alpha: int = _arg(32, "LoRA scaling: the update is multiplied by lora_alpha / lora_r")
-    lora_dropout: float = _arg(0.0, "dropout on the LoRA input")
-    lora_target_modules: str = _arg("", "comma list or PEFT regex of the modules that get adapters "
+    image_root: str = param("data/synthetic", "folder the records' image paths are relative to", path=True)
+    output_dir: str = param("", "where the adapter, checkpoints and reports go (default: runs/<model>/sft)", path=True)
+    method: str = param("lora", "lora | qlora (4-bit base, CUDA only) | full")
+    lora_r: int = param(16, "LoRA rank: the capacity of the update")
+    lora_alpha: int = param(32, "LoRA scaling: the update is multiplied by lora_alpha / lora_r")
+    lora_dropout: float = param(0.0, "dropout on the LoRA input")
+    lora_target_modules: str = param("", "comma list or PEFT regex of the modules that get adapters "
                                         "(default: the registry's, the language model's linear layers)")
-    lora_modules_to_save: str = _arg("", "comma list of modules trained in full beside the adapters, e.g. lm_head")
-    train_vision: bool = _arg(False, "full fine-tuning only: train the vision tower and projector too")
-    epochs: float = _arg(1.0, "passes over the training records (max_steps > 0 overrides it)")
-    max_steps: int = _arg(-1, "optimizer steps (>= 1), overriding epochs; -1: train for epochs")
-    lr: float = _arg(2e-4, "peak learning rate (LoRA on a 1-3B model: ~2e-4; full fine-tuning: ~1e-5)")
-    lr_scheduler: str = _arg("linear", "transformers scheduler name: linear, cosine, constant, ...")
-    warmup: float = _arg(0.0, "warmup steps (>= 1) or a fraction of all steps (< 1)")
-    weight_decay: float = _arg(0.0, "AdamW weight decay")
-    optim: str = _arg("adamw_torch_fused", "transformers optimizer name; paged_adamw_8bit suits QLoRA on a GPU")
-    batch_size: int = _arg(4, "records per device and step")
-    grad_accum: int = _arg(1, "gradient accumulation: effective batch = batch_size x grad_accum x devices")
-    max_length: int = _arg(1024, "longest sample in tokens; a longer one is refused, never truncated")
-    seed: int = _arg(0, "seed of the adapters' initialisation and the data order")
-    save_steps: int = _arg(0, "a checkpoint every N steps (0: only the final model)")
-    save_total_limit: int = _arg(2, "checkpoints kept; older ones are deleted")
-    logging_steps: int = _arg(5, "log the loss every N steps")
-    resume: str = _arg("", '"" (fresh: output_dir must not hold an earlier run), "auto" (the latest complete '
+    lora_modules_to_save: str = param("", "comma list of modules trained in full beside the adapters, e.g. lm_head")
+    train_vision: bool = param(False, "full fine-tuning only: train the vision tower and projector too")
+    epochs: float = param(1.0, "passes over the training records (max_steps > 0 overrides it)")
+    max_steps: int = param(-1, "optimizer steps (>= 1), overriding epochs; -1: train for epochs")
+    lr: float = param(2e-4, "peak learning rate (LoRA on a 1-3B model: ~2e-4; full fine-tuning: ~1e-5)")
+    lr_scheduler: str = param("linear", "transformers scheduler name: linear, cosine, constant, ...")
+    warmup: float = param(0.0, "warmup steps (>= 1) or a fraction of all steps (< 1)")
+    weight_decay: float = param(0.0, "AdamW weight decay")
+    optim: str = param("adamw_torch_fused", "transformers optimizer name; paged_adamw_8bit suits QLoRA on a GPU")
+    batch_size: int = param(4, "records per device and step")
+    grad_accum: int = param(1, "gradient accumulation: effective batch = batch_size x grad_accum x devices")
+    max_length: int = param(1024, "longest sample in tokens; a longer one is refused, never truncated")
+    seed: int = param(0, "seed of the adapters' initialisation and the data order")
+    save_steps: int = param(0, "a checkpoint every N steps (0: only the final model)")
+    save_total_limit: int = param(2, "checkpoints kept; older ones are deleted")
+    logging_steps: int = param(5, "log the loss every N steps")
+    resume: str = param("", '"" (fresh: output_dir must not hold an earlier run), "auto" (the latest complete '
                            'checkpoint in output_dir; one cut short by a kill is skipped, with a note) or a checkpoint '
                            'folder. The earlier end results (merged/, eval_val.json, preds_*.jsonl) are deleted: the '
                            'resumed run writes them again')
-    overwrite: bool = _arg(False, "train again into an output_dir that holds an earlier run: that run's adapter, "
+    overwrite: bool = param(False, "train again into an output_dir that holds an earlier run: that run's adapter, "
                                   "checkpoints, merged/, eval and preds files are deleted first (other files are kept)")
-    train_file: str = _arg("", "training records (default: data_dir/bvpi_chat_train.jsonl)", path=True)
-    val_file: str = _arg("", "validation records (default: data_dir/bvpi_chat_val.jsonl)", path=True)
-    eval: bool = _arg(True, "caption and score the val split at the end (eval_val.json)")
-    eval_limit: int = _arg(0, "val records captioned at the end (0: all)")
-    eval_batch_size: int = _arg(16, "images per generation batch")
-    max_new_tokens: int = _arg(128, "longest generated caption, in tokens")
-    captions_csv: str = _arg("", "ground truth for the val score (default: image_root/complete_captions_sensation.csv)",
+    train_file: str = param("", "training records (default: data_dir/bvpi_chat_train.jsonl)", path=True)
+    val_file: str = param("", "validation records (default: data_dir/bvpi_chat_val.jsonl)", path=True)
+    eval: bool = param(True, "caption and score the val split at the end (eval_val.json)")
+    eval_limit: int = param(0, "val records captioned at the end (0: all)")
+    eval_batch_size: int = param(16, "images per generation batch")
+    max_new_tokens: int = param(128, "longest generated caption, in tokens")
+    captions_csv: str = param("", "ground truth for the val score (default: image_root/complete_captions_sensation.csv)",
                              path=True)
-    annotations_csv: str = _arg("", "default: image_root/annotations_with_obj_pos.csv", path=True)
-    merge: bool = _arg(True, "merge LoRA into the base, save merged/ and check that it writes the adapter's captions")
-    merge_check_samples: int = _arg(4, "val images the merge check captions")
-    gradient_checkpointing: bool = _arg(False, "recompute activations in the backward pass: less memory, about a third slower")
-    num_workers: int = _arg(0, "dataloader worker processes")
-    example_cache_gb: float = _arg(2.0, "processed training examples kept in memory (see FamilyCollator); 0: none")
-    trainer: str = _arg("", "force trl_sft or collator_trainer (default: the registry's choice for the family)")
-    fused_lm_head: str = _arg("auto", "TRL's chunked LM-head loss: auto (on with CUDA) | on | off")
-    device: str = _arg("auto", "auto (CUDA, else MPS, else CPU) | cuda | mps | cpu")
-    dtype: str = _arg("auto", "auto (bf16 on compute capability 8.0 or more, fp16 on older GPUs such as the T4, "
+    annotations_csv: str = param("", "default: image_root/annotations_with_obj_pos.csv", path=True)
+    merge: bool = param(True, "merge LoRA into the base, save merged/ and check that it writes the adapter's captions")
+    merge_check_samples: int = param(4, "val images the merge check captions")
+    gradient_checkpointing: bool = param(False, "recompute activations in the backward pass: less memory, about a third slower")
+    num_workers: int = param(0, "dataloader worker processes")
+    example_cache_gb: float = param(2.0, "processed training examples kept in memory (see FamilyCollator); 0: none")
+    trainer: str = param("", "force trl_sft or collator_trainer (default: the registry's choice for the family)")
+    fused_lm_head: str = param("auto", "TRL's chunked LM-head loss: auto (on with CUDA) | on | off")
+    device: str = param("auto", "auto (CUDA, else MPS, else CPU) | cuda | mps | cpu")
+    dtype: str = param("auto", "auto (bf16 on compute capability 8.0 or more, fp16 on older GPUs such as the T4, "
                               "fp32 on CPU and MPS) | bf16 | fp16 | fp32")
-    recipe: str = _arg("", "'' (none) | auto (from the GPU's memory) | 16gb | 24gb | 80gb: the registry's batch_size, "
+    recipe: str = param("", "'' (none) | auto (from the GPU's memory) | 16gb | 24gb | 80gb: the registry's batch_size, "
                            "grad_accum, dtype, 4-bit base (method qlora) and gradient_checkpointing for that GPU; "
                            "every flag you set yourself wins over the recipe")
     explicit: tuple[str, ...] = field(default=(), metadata={
@@ -383,9 +378,9 @@ def _target_modules(params: SFTParams, spec: Any) -> Any:
 def _freeze(model: Any, prefixes: Any) -> int:
     """Freeze parameters whose name contains any of ``prefixes``; returns how many tensors were frozen."""
     frozen = 0
-    for name, param in model.named_parameters():
+    for name, weight in model.named_parameters():
         if any(p in name for p in prefixes or ()):
-            param.requires_grad_(False)
+            weight.requires_grad_(False)
             frozen += 1
     return frozen
 
@@ -446,9 +441,9 @@ def _trainable_in_fp32(model: Any) -> None:
     refuses fp16 gradients, and bf16 weights lose small updates."""
     import torch
 
-    for param in model.parameters():
-        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
-            param.data = param.data.float()
+    for weight in model.parameters():
+        if weight.requires_grad and weight.dtype in (torch.float16, torch.bfloat16):
+            weight.data = weight.data.float()
 
 
 # --- Training ---------------------------------------------------------------
@@ -971,50 +966,13 @@ def merge_and_check(params: SFTParams, spec: Any, model: Any, processor: Any, va
 # --- CLI --------------------------------------------------------------------
 
 
-def parse_bool(text: str) -> bool:
-    """A boolean flag's value: true/false, 1/0 or yes/no, and nothing else (``Ture`` is an error, not False)."""
-    value = str(text).strip().lower()
-    if value in {"1", "true", "yes"}:
-        return True
-    if value in {"0", "false", "no"}:
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: use true or false (or 1/0, yes/no)")
-
-
-class _Given(argparse.Action):
-    """Store a flag's value and remember that the user gave it (a ``--recipe`` never overrides it)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        namespace._given = {*getattr(namespace, "_given", set()), self.dest}
-
-
 def configure_cli(parser: argparse.ArgumentParser) -> None:
-    defaults = SFTParams()
-    for f in fields(SFTParams):
-        if not f.metadata.get("cli", True):
-            continue
-        default, help_text = getattr(defaults, f.name), f.metadata.get("help", "")
-        if isinstance(default, bool):
-            parser.add_argument(f"--{f.name}", type=parse_bool, default=default, metavar="BOOL", action=_Given,
-                                help=f"{help_text} (default {str(default).lower()})")
-        else:
-            parser.add_argument(f"--{f.name}", type=type(default), default=default, action=_Given,
-                                help=f"{help_text} (default {default!r})")
+    add_flags(parser, SFTParams)
 
 
 def params_from_cli(args: argparse.Namespace) -> SFTParams:
     """``SFTParams`` from parsed flags, with paths read from the current directory (as every Unix tool does)."""
-    values = {f.name: getattr(args, f.name) for f in fields(SFTParams) if f.metadata.get("cli", True)}
-    values["explicit"] = tuple(sorted(getattr(args, "_given", ())))
-    for f in fields(SFTParams):
-        if f.metadata.get("path") and values[f.name]:
-            values[f.name] = str(resolve_cli_path(values[f.name]))
-    if values["resume"] not in ("", "auto"):
-        values["resume"] = str(resolve_cli_path(values["resume"]))
-    if Path(values["model"]).expanduser().is_dir():  # a local checkpoint, named from the cwd
-        values["model"] = str(resolve_cli_path(values["model"]))
-    return SFTParams(**values)
+    return from_flags(args, SFTParams)
 
 
 def run_cli(args: argparse.Namespace) -> int:
