@@ -259,6 +259,7 @@ def train_dpo(params: DPOParams, callbacks: list[Any] | None = None) -> DPOResul
     from bvip_helpers import sft
 
     check_params(params)
+    read_pairs(params.train_pairs)  # a bad pairs file is named before anything is deleted or loaded
     resume_from = sft.prepare_output_dir(params, outputs=RUN_OUTPUTS, derived=DERIVED_OUTPUTS, markers=RUN_MARKERS,
                                          kind="DPO")  # before any loading: a refusal costs nothing
     run = build_dpo_trainer(params, callbacks)

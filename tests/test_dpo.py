@@ -151,6 +151,7 @@ def test_dpo_cli_refuses_a_missing_adapter_and_a_bad_pairs_file(tmp_path):
     for extra, message in ((["--adapter", str(tmp_path / "none"), "--train_pairs", str(bad)], "line 1 is not a"),
                            (["--adapter", str(tmp_path / "none"), "--train_pairs", str(tmp_path / "x.jsonl")],
                             "x.jsonl")):
-        result = subprocess.run([sys.executable, "-m", "bvip_helpers", "dpo", "--model", BASE, *extra],
+        result = subprocess.run([sys.executable, "-m", "bvip_helpers", "dpo", "--model", BASE, *extra,
+                                 "--output_dir", str(tmp_path / "out")],
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
