@@ -33,6 +33,7 @@ import io
 import ipaddress
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -128,7 +129,10 @@ class TransformersBackend(Backend):
                 "num_beams": self.num_beams, "constrained": self.constrained}
 
     def run_settings(self) -> dict[str, Any]:
-        return {}  # bvip predict's own lines stay exactly as they were: model, adapter, weights are theirs already
+        # model, adapter and weights are bvip predict's own keys; the numerics (fp32 on the CPU, bf16 on a
+        # GPU) change the text too, so a resume on another device or dtype starts a new run
+        model = self.loaded.model
+        return {"device": model.device.type, "dtype": str(model.dtype).removeprefix("torch.")}
 
     def weights_id(self) -> str | None:
         from bvip_helpers.predict import weights_id
@@ -599,9 +603,11 @@ class ClipInterrogatorBackend(Backend):
 # --- Building backends ------------------------------------------------------------------
 
 
-def as_backend(model: Any, adapter: Any = None, *, num_beams: int = 1, constrained: bool = False) -> Backend:
+def as_backend(model: Any, adapter: Any = None, *, num_beams: int = 1, constrained: bool = False,
+               device: str = "auto", dtype: str = "auto") -> Backend:
     """A :class:`Backend` for ``model``: a backend as it is, a loaded model, or anything
-    :func:`bvip_helpers.predict.load` accepts (loaded with ``adapter``) on the local ``transformers`` path."""
+    :func:`bvip_helpers.predict.load` accepts (loaded with ``adapter`` on ``device`` in ``dtype``) on the
+    local ``transformers`` path."""
     from bvip_helpers.predict import LoadedModel, load
 
     if isinstance(model, Backend):
@@ -609,7 +615,11 @@ def as_backend(model: Any, adapter: Any = None, *, num_beams: int = 1, constrain
             raise ValueError(f"num_beams and --constrained belong to local decoding; the {model.name} backend "
                              "decodes as its server does (ask a server for the schema with --structured)")
         return model
-    loaded = model if isinstance(model, LoadedModel) else load(model, adapter)
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        loaded = load(model, adapter, device=device, dtype=dtype)
+        print(f"predict: {loaded.name} on {loaded.model.device}, {loaded.model.dtype}", file=sys.stderr)
     return TransformersBackend(loaded, num_beams=num_beams, constrained=constrained)
 
 

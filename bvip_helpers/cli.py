@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except OSError as err:  # a full disk or an unwritable folder a stage did not foresee: one line, not a traceback
-        print(f"bvip {args.command}: error: {err}", file=sys.stderr)
+        from bvip_helpers.io import os_error_line
+
+        print(f"bvip {args.command}: error: {os_error_line(err)}", file=sys.stderr)
         return 2
 
 

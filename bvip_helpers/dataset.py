@@ -802,11 +802,16 @@ def run_cli(args: argparse.Namespace) -> int:
                                image_root=args.image_root, require_all_splits=args.require_all_splits,
                                allow_missing_images=args.allow_missing_images, show_progress=not args.quiet)
     except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"bvip build-dataset: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
-        print(f"error: cannot write into --out_dir {args.out_dir}: {err.strerror or err} ({err.filename or ''}); "
-              "pass a folder you can write to", file=sys.stderr)
+        from bvip_helpers.io import concerns, os_error_line
+
+        if not concerns(err, args.out_dir):  # an input that cannot be read
+            print(f"bvip build-dataset: error: cannot read {os_error_line(err)}", file=sys.stderr)
+            return 2
+        print(f"bvip build-dataset: error: cannot write into --out_dir {os_error_line(err)}; pass a folder you "
+              "can write to", file=sys.stderr)
         return 2
     print(report.summary())
     return 0

@@ -13,7 +13,9 @@ SFT teaches the schema; DPO should make the model prefer the *safe* caption over
   lr 1e-6) and keeps every pair column aside (``remove_unused_columns=False``), since ``error_type`` and
   ``source`` drive the reports;
 * saves the adapter (the ``ref`` copy removed), the processor, ``dpo_params.json``, ``dpo_result.json`` and
-  ``loss_curve.png`` in ``output_dir``, checkpoints every ``save_steps``, and resumes from them.
+  ``loss_curve.png`` in ``output_dir``, checkpoints every ``save_steps``, and resumes from them;
+* with ``val_pairs``, scores those held-out pairs with the trained policy and the reference before the
+  reference copy goes, into ``preference_report.json`` (:func:`held_out_report`).
 
 Known TRL 1.16 behaviour designed around: ``lm_head`` trains only through ``modules_to_save`` (TRL refuses a LoRA
 adapter on it); ``precompute_ref_log_probs`` refuses image data; unused columns would be dropped.
@@ -105,6 +107,7 @@ class DPOResult:
     reward_accuracy: list[tuple[int, float]] = field(default_factory=list)
     token_budget: dict[str, Any] = field(default_factory=dict)
     loss_curve: str | None = None
+    preference_report: str | None = None  # with --val_pairs: the held-out report (see held_out_report)
 
 
 # --- Batches -----------------------------------------------------------------------------
@@ -145,6 +148,8 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
     """Pairs from a JSONL file; a line without image, prompt, chosen or rejected is an error naming the line."""
     from bvip_helpers.io import numbered_jsonl
 
+    if not resolve(path).is_file():
+        raise FileNotFoundError(f"{path}: no such pairs file; make the pairs with `bvip pairs`")
     pairs = []
     for number, record in numbered_jsonl(resolve(path)):
         missing = [k for k in ("image", "prompt", "chosen", "rejected") if not isinstance(record.get(k), str)]
@@ -279,6 +284,12 @@ def train_dpo(params: DPOParams, callbacks: list[Any] | None = None) -> DPOResul
                          if "rewards/accuracies" in e],
         token_budget=run.budget)
     policy = trainer.accelerator.unwrap_model(trainer.model)
+    if params.val_pairs and main and "ref" in policy.peft_config:
+        report = held_out_report(policy, run.processor, run.spec, read_pairs(params.val_pairs),
+                                 resolve(params.image_root), beta=params.beta)
+        result.preference_report = str(write_json(output_dir / "preference_report.json", report))
+        print(f"dpo: held-out preference accuracy {report['held_out']['sft']['all']['preference_accuracy']} (SFT) -> "
+              f"{report['held_out']['dpo']['all']['preference_accuracy']} (DPO) -> {result.preference_report}")
     if "ref" in policy.peft_config:
         policy.delete_adapter("ref")  # the frozen copy of the SFT adapter; not part of the result
     trainer.save_model(str(output_dir))
@@ -362,9 +373,38 @@ def preference_report(pairs: Sequence[Mapping[str, Any]], policy: Sequence[tuple
     return report
 
 
+_MIRROR = {"left": "right", "right": "left"}
+
+
+def mirror_makes_rejected_true(pair: Mapping[str, Any]) -> bool:
+    """Whether the mirror image of the scene makes the rejected side of a side-error pair the true one.
+
+    Only then should a model that reads the picture turn its preference round: a Sidewalk flipped from left to
+    right, yes; one moved from the centre to a side, or a Road moved from the front, no (the mirror keeps
+    them where they were). For an object, the mirrored sides of the chosen caption must be the rejected ones.
+    """
+    from collections import Counter
+
+    from bvip_helpers import schema
+
+    if pair.get("error_type") not in SIDE_ERRORS:
+        return False
+    a, b = schema.parse_caption(pair["chosen"]), schema.parse_caption(pair["rejected"])
+    fields = [k for k in schema.FIELD_LABELS if a.fields[k] != b.fields[k]]
+    objects = [k for k in set(a.near) | set(b.near) if a.near.get(k) != b.near.get(k)]
+    if len(fields) + len(objects) != 1:
+        return False
+    if fields:
+        return a.fields[fields[0]] in _MIRROR and b.fields[fields[0]] == _MIRROR[a.fields[fields[0]]]
+    mirrored = Counter(_MIRROR.get(p, p) for p in a.near.get(objects[0], []))
+    return mirrored == Counter(b.near.get(objects[0], []))
+
+
 def image_reliance(pairs: Sequence[Mapping[str, Any]], scores: Mapping[str, Sequence[tuple[float, float]]]) -> dict:
-    """Per error type: preference accuracy with the scene, a blank picture and the mirror image, and the share of
-    side-error pairs whose preference the mirror turns round. ``scores`` maps each variant to :func:`score_pairs`."""
+    """Per error type: preference accuracy with the scene, a blank picture and the mirror image, and, for the
+    side errors, the share of the pairs whose preference the mirror turns round, out of those where the mirror
+    makes the rejected caption true (:func:`mirror_makes_rejected_true`; ``mirror_turnable`` counts them).
+    ``scores`` maps each variant to :func:`score_pairs`."""
     out: dict[str, Any] = {}
     kinds = sorted({p.get("error_type") for p in pairs if p.get("error_type")})
     for kind in ["all", *kinds]:
@@ -376,12 +416,35 @@ def image_reliance(pairs: Sequence[Mapping[str, Any]], scores: Mapping[str, Sequ
             margins = [values[i][0] - values[i][1] for i in index]
             entry[variant] = {"preference_accuracy": round(sum(m > 0 for m in margins) / len(index), 3),
                               "logp_margin_mean": round(sum(margins) / len(index), 3)}
+        turnable = [i for i in index if mirror_makes_rejected_true(pairs[i])]
         if kind in SIDE_ERRORS and "mirror" in scores and "original" in scores:
             turned = sum((scores["original"][i][0] > scores["original"][i][1])
-                         and (scores["mirror"][i][0] < scores["mirror"][i][1]) for i in index)
-            entry["turned_by_mirror"] = round(turned / len(index), 3)
+                         and (scores["mirror"][i][0] < scores["mirror"][i][1]) for i in turnable)
+            entry["mirror_turnable"] = len(turnable)
+            entry["turned_by_mirror"] = round(turned / len(turnable), 3) if turnable else None
         out[kind] = entry
     return out
+
+
+def held_out_report(policy: Any, processor: Any, spec: Any, pairs: Sequence[Mapping[str, Any]],
+                    image_root: str | Path, *, beta: float = 0.1, policy_adapter: str = "default",
+                    reference_adapter: str = "ref") -> dict[str, Any]:
+    """The held-out pairs scored by the policy and the reference (two adapters of one ``PeftModel``):
+    :func:`preference_report` for both, and :func:`image_reliance` of the policy (scene, blank, mirror)."""
+    was_training = policy.training
+    policy.eval()
+    try:
+        policy.set_adapter(reference_adapter)
+        reference = score_pairs(policy, processor, spec, pairs, image_root)
+        policy.set_adapter(policy_adapter)
+        scores = {variant: score_pairs(policy, processor, spec, pairs, image_root, variant=variant)
+                  for variant in IMAGE_VARIANTS}
+    finally:
+        policy.set_adapter(policy_adapter)
+        policy.train(was_training)
+    return {"held_out": {"sft": preference_report(pairs, reference),
+                         "dpo": preference_report(pairs, scores["original"], reference, beta=beta)},
+            "image_reliance": image_reliance(pairs, scores)}
 
 
 def load_scoring_model(model: str, adapters: Mapping[str, str | Path], *, device: str = "auto",
@@ -411,11 +474,13 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from bvip_helpers.registry import UnknownModelError
+
     params = from_flags(args, DPOParams)
     try:
         result = train_dpo(params)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"bvip dpo: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, RuntimeError, UnknownModelError) as err:
+        print(f"bvip dpo: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({"global_step": result.global_step, "seconds": round(result.train_seconds, 1),
                       "output_dir": result.output_dir}))

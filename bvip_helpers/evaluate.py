@@ -631,9 +631,14 @@ def run_cli(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:  # JsonlError and DatasetError are ValueErrors
         print(f"bvip evaluate: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # the report could not be written
-        print(f"bvip evaluate: error: cannot write the report to {args.json_out}: {err.strerror or err}; "
-              "pass a --json path in a writable folder", file=sys.stderr)
+    except OSError as err:
+        from bvip_helpers.io import concerns, os_error_line
+
+        if not concerns(err, args.json_out):  # an input that cannot be read (a folder given as a file, say)
+            print(f"bvip evaluate: error: cannot read {os_error_line(err)}", file=sys.stderr)
+            return 2
+        print(f"bvip evaluate: error: cannot write the report to {os_error_line(err)}; pass a --json path in a "
+              "writable folder", file=sys.stderr)
         return 2
     print(format_report(report))
     if args.json_out:

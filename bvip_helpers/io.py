@@ -174,6 +174,21 @@ def append_jsonl(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]
         os.fsync(fh.fileno())
 
 
+def os_error_line(err: OSError) -> str:
+    """An ``OSError`` as one line: the path it names and the reason (never a multi-line hub message)."""
+    lines = (err.strerror or str(err) or type(err).__name__).strip().splitlines() or [type(err).__name__]
+    return f"{err.filename}: {lines[0]}" if err.filename else lines[0]
+
+
+def concerns(err: OSError, output: str | os.PathLike[str] | None) -> bool:
+    """Whether ``err`` is about ``output`` or something inside it (so "cannot write" is the right advice)."""
+    if output is None or not err.filename:
+        return False
+    failed, target = Path(os.path.abspath(err.filename)), Path(os.path.abspath(output))
+    beside = failed.parent == target.parent and target.name in failed.name  # its .lock, .tmp and .previous
+    return failed == target or target in failed.parents or failed in target.parents or beside  # parents: its mkdir
+
+
 class JsonlError(ValueError):
     """A malformed JSONL line; the message names the file and line number."""
 

@@ -480,6 +480,8 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from bvip_helpers.registry import UnknownModelError
+
     try:
         if args.source == "seed":
             pairs, counts = seed_pairs(args.data_dir, args.split), {}
@@ -512,7 +514,7 @@ def run_cli(args: argparse.Namespace) -> int:
                                              sampling=SamplingParams(n=args.n, temperature=args.temperature,
                                                                      top_p=args.top_p, seed=args.seed),
                                              min_gap=args.min_gap, judge=judge)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, UnknownModelError) as err:
         print(f"bvip pairs: error: {err}", file=sys.stderr)
         return 2
     summary = write_pairs(args.out, pairs, counts)

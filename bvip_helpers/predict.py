@@ -57,8 +57,10 @@ from bvip_helpers.io import (
     OutputLockedError,
     append_jsonl,
     check_image_root,
+    concerns,
     file_sha1,
     load_image,
+    os_error_line,
     output_lock,
     parse_json_object,
     safe_image_path,
@@ -165,39 +167,47 @@ def prompt_of(record: Mapping[str, Any]) -> str:
 # --- Resuming ---------------------------------------------------------------------
 
 
-def recover_output(out_path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Read an existing output file; drop a truncated LAST line (rewriting the file atomically).
+def recover_output(out_path: Path) -> tuple[list[dict[str, Any]], int, bool]:
+    """Read an existing output file, leaving it untouched; a truncated LAST line is left out.
 
-    Returns ``(records, dropped)``. A malformed line anywhere else is not a kill artefact and
-    raises :class:`JsonlError` naming the line.
+    Returns ``(records, dropped, rewrite)``: ``rewrite`` says the file must be rewritten from ``records``
+    before lines are appended (its end was torn), which the caller does only once it knows the file
+    is this run's. A malformed or non-UTF-8 line anywhere else is not a kill artefact and raises
+    :class:`JsonlError` naming the line.
     """
     if not out_path.exists():
-        return [], 0
-    raw = out_path.read_bytes().decode("utf-8", errors="replace")
-    lines = raw.split("\n")
-    complete, tail = lines[:-1], lines[-1]  # tail is '' when the file ends with a newline
+        return [], 0, False
+    lines = out_path.read_bytes().split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # tail is b'' when the file ends with a newline
     records: list[dict[str, Any]] = []
     dropped = 0
-    for number, line in enumerate(complete, start=1):
-        if not line.strip():
+    for number, raw in enumerate(complete, start=1):
+        if not raw.strip():
             continue
         try:
-            record = parse_json_object(line)
-        except ValueError as err:
+            record = parse_json_object(raw.decode("utf-8"))
+        except ValueError as err:  # UnicodeDecodeError too: a kill can cut a character in half
             if number == len(complete) and not tail.strip():
                 dropped += 1  # the last line is broken though newline-terminated: still the kill's
                 continue
-            raise JsonlError(f"{out_path}: line {number} is not a JSON object ({err}); this is not a truncated "
+            raise JsonlError(f"{out_path}: line {number} is not a UTF-8 JSON object ({err}); this is not a truncated "
                              "last line from an interrupted run. Fix or delete that line, or use another --out.") from err
         records.append(record)
     if tail.strip():
         try:
-            records.append(parse_json_object(tail))  # a complete record that only lacks its newline
+            records.append(parse_json_object(tail.decode("utf-8")))  # a complete record that only lacks its newline
         except ValueError:
             dropped += 1
-    if dropped or tail.strip():
-        write_jsonl(out_path, records)
-    return records, dropped
+    return records, dropped, bool(dropped or tail.strip())
+
+
+def free_name(path: Path) -> Path:
+    """``path`` if nothing is there, else the first of ``path.1``, ``path.2``, ... that is free."""
+    candidate, number = path, 0
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{number}")
+    return candidate
 
 
 #: files of a model or adapter folder that change what it writes: weights, configs (generation config
@@ -236,14 +246,16 @@ def resumable_lines(existing: list[dict[str, Any]], settings: Mapping[str, Any],
     this call does not caption (another subset, ``--limit``) is kept, but not counted.
     """
     done: set[str] = set()
+    written = json.loads(json.dumps(settings, default=str))  # as a line holds them (tuples become lists)
     for number, line in enumerate(existing, start=1):
         image = line.get("image")
         if not isinstance(image, str) or "run_id" not in line or any(k not in line for k in RUN_KEYS):
             return set(), (f"line {number} was not written by `bvip predict` (it lacks 'run_id' or the run's settings); "
                            "it may be the records file itself, another tool's output, or an older version's")
-        different = {k: (line[k], settings[k]) for k in RUN_KEYS if line[k] != settings[k]}
-        if line.get("backend") != settings.get("backend"):  # another backend's settings (absent on the local path)
-            different["backend"] = (line.get("backend"), settings.get("backend"))
+        # RUN_KEYS, then what the backend adds (its settings; the local path's device and dtype)
+        different = {k: (line.get(k), v) for k, v in written.items() if k != "server" and line.get(k) != v}
+        if "backend" in line and "backend" not in settings:  # a served run's file, resumed on the local path
+            different["backend"] = (line["backend"], None)
         if different:
             return set(), "other settings (" + ", ".join(f"{k}: file has {a!r}, this run {b!r}"
                                                          for k, (a, b) in different.items()) + ")"
@@ -276,11 +288,12 @@ def predict(model_or_spec: Any, records: Iterable[Mapping[str, Any]], image_root
             max_new_tokens: int = 128, num_beams: int = 1, constrained: bool = False,
             repair_relation_field: bool = False, limit: int | None = None, skip_bad_images: bool = False,
             restart_if_changed: bool = False, progress: bool = True,
-            max_image_pixels: int = MAX_IMAGE_PIXELS) -> PredictStats:
+            max_image_pixels: int = MAX_IMAGE_PIXELS, device: str = "auto", dtype: str = "auto") -> PredictStats:
     """Generate captions for ``records`` (dicts with ``image`` and optionally ``prompt``) into ``out_path``.
 
     ``model_or_spec``: a :class:`LoadedModel`, a backend of :mod:`bvip_helpers.backends`, or anything
-    :func:`load` accepts (registry name, spec, hub id, local dir), loaded with ``adapter``. Resumes an existing ``out_path``
+    :func:`load` accepts (registry name, spec, hub id, local dir), loaded with ``adapter`` on ``device`` in
+    ``dtype`` (see :mod:`bvip_helpers.devices`) once ``out_path`` is locked. Resumes an existing ``out_path``
     whose lines all belong to this run (see the module docstring); another file is refused, or
     moved to ``<out>.previous`` and started over with ``restart_if_changed``. A second process
     writing the same file gets :class:`~bvip_helpers.io.OutputLockedError`. A missing, corrupt or
@@ -295,7 +308,8 @@ def predict(model_or_spec: Any, records: Iterable[Mapping[str, Any]], image_root
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out_path):  # before loading the model: a second writer or an unwritable folder fails at once
-        backend = as_backend(model_or_spec, adapter, num_beams=num_beams, constrained=constrained)
+        backend = as_backend(model_or_spec, adapter, num_beams=num_beams, constrained=constrained, device=device,
+                             dtype=dtype)
         return _predict_locked(backend, records, image_root, out_path, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, num_beams=num_beams, constrained=constrained,
                                repair_relation_field=repair_relation_field, limit=limit,
@@ -332,13 +346,10 @@ def _predict_locked(backend: Any, records: Iterable[Mapping[str, Any]], image_ro
     paths = {key: safe_image_path(image_root, key) for key in unique}  # an escaping path stops the run here
     expected = {key: run_id(identity, prompt_of(record), file_sha1(paths[key])) for key, record in unique.items()}
 
-    existing, stats.dropped_partial_lines = recover_output(out_path)
-    if stats.dropped_partial_lines:
-        print(f"predict: dropped {stats.dropped_partial_lines} truncated line(s) at the end of {out_path} "
-              "(an interrupted run) and rewrote it before resuming", file=sys.stderr)
+    existing, dropped, rewrite = recover_output(out_path)
     done, different = resumable_lines(existing, settings, expected)
-    if different:
-        previous = out_path.with_name(out_path.name + ".previous")
+    if different:  # the file is left byte for byte as it was: refused, or moved aside whole
+        previous = free_name(out_path.with_name(out_path.name + ".previous"))
         if not restart_if_changed:
             raise ValueError(f"{out_path} holds predictions this run cannot resume: {different}. Use another --out, "
                              f"delete the file, or pass --restart_if_changed to move it to {previous} and start over")
@@ -346,6 +357,12 @@ def _predict_locked(backend: Any, records: Iterable[Mapping[str, Any]], image_ro
         print(f"predict: {out_path} holds predictions this run cannot resume ({different}); moved it to "
               f"{previous} and starting over", file=sys.stderr)
         done = set()
+    elif rewrite:
+        write_jsonl(out_path, existing)
+        stats.dropped_partial_lines = dropped
+        if dropped:
+            print(f"predict: dropped {dropped} truncated line(s) at the end of {out_path} "
+                  "(an interrupted run) and rewrote it before resuming", file=sys.stderr)
     pending = [(key, r) for key, r in unique.items() if key not in done]
     stats.already_done = stats.total - len(pending)
 
@@ -532,29 +549,30 @@ def run_cli(args: argparse.Namespace) -> int:
         records = read_records(args.jsonl)
         if args.prompt:
             records = [{"image": record_image_path(r), "prompt": PROMPT_PRESETS[args.prompt]} for r in records]
-        if args.backend == "transformers":  # the local path: load it here, so the device is reported
+        if args.backend == "transformers":  # the local path: predict loads it once --out is locked
             model = _cli_model("transformers", args.model)
             if not model:
                 raise ValueError("--model is required (a registry name, hub id or model folder)")
-            model = load(model, args.adapter, device=args.device, dtype=args.dtype)
-            print(f"predict: {model.name} on {model.model.device}, {model.model.dtype}", file=sys.stderr)
         else:
             model = _cli_backend(args)
         stats = predict(model, records, args.image_root, args.out, adapter=args.adapter,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                         constrained=args.constrained, repair_relation_field=args.repair_relation, limit=args.limit,
                         skip_bad_images=args.skip_bad_images, restart_if_changed=args.restart_if_changed,
-                        progress=not args.no_progress, max_image_pixels=args.max_image_pixels)
-    except (ImagePathError, JsonlError, OutputLockedError, ValueError, BackendError) as err:  # DevicePolicyError too
-        print(f"bvip predict: error: {err}", file=sys.stderr)
+                        progress=not args.no_progress, max_image_pixels=args.max_image_pixels, device=args.device,
+                        dtype=args.dtype)
+    except (ImagePathError, JsonlError, OutputLockedError, ValueError, BackendError) as err:  # DevicePolicyError,
+        print(f"bvip predict: error: {err}", file=sys.stderr)                                # ModelLoadError too
         return 2
     except UnknownModelError as err:
         print(f"bvip predict: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # an unwritable --out, a full disk
-        print(f"bvip predict: error: cannot write {err.filename or args.out}: {err.strerror or err}. Lines already "
-              "written are kept: make --out writable (or free disk space) and rerun the same command to resume",
-              file=sys.stderr)
+    except OSError as err:
+        if not concerns(err, args.out):
+            print(f"bvip predict: error: {os_error_line(err)}", file=sys.stderr)
+            return 2
+        print(f"bvip predict: error: cannot write {os_error_line(err)}. Lines already written are kept: make "
+              "--out writable (or free disk space) and rerun the same command to resume", file=sys.stderr)
         return 2
     print(stats.summary())
     summary = {k: v for k, v in asdict(stats).items() if k not in ("bad_images", "failed")}

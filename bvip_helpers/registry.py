@@ -315,6 +315,10 @@ MODELS: dict[str, ModelSpec] = {
 # --- Lookup -----------------------------------------------------------------
 
 
+class ModelLoadError(ValueError):
+    """Weights, processor or adapter that could not be loaded (offline without a cached copy, a broken folder)."""
+
+
 class UnknownModelError(KeyError):
     """A name that is neither a registry entry, a known hub id, nor a local model directory."""
 
@@ -470,12 +474,20 @@ def load_model_and_processor(spec: ModelSpec | str, *, adapter: str | os.PathLik
         kwargs["device_map"] = devices.four_bit_device_map()
     elif place and where.device_map is not None:
         kwargs["device_map"] = where.device_map
-    model = model_cls.from_pretrained(source, **kwargs)
-    processor = load_processor(source, spec.image_budget, trust_remote_code=trust_remote_code)
-    if spec.family == "blip":
-        _sync_decoder_bos(model, processor)
-    if adapter is not None:
-        model = _load_adapter(model, Path(adapter), trainable=trainable_adapter)
+    try:
+        model = model_cls.from_pretrained(source, **kwargs)
+        processor = load_processor(source, spec.image_budget, trust_remote_code=trust_remote_code)
+        if spec.family == "blip":
+            _sync_decoder_bos(model, processor)
+        if adapter is not None:
+            model = _load_adapter(model, Path(adapter), trainable=trainable_adapter)
+    except OSError as err:  # transformers reports a missing hub connection or file as a (multi-line) OSError
+        from bvip_helpers.io import os_error_line
+
+        where = f" with the adapter {adapter}" if adapter is not None else ""
+        raise ModelLoadError(f"cannot load {spec.name} from {source}{where}: {os_error_line(err)}. Without the model "
+                             "hub, download it first (or set HF_HOME to a cache that has it), or pass a local "
+                             "model folder") from err
     return model, processor
 
 

@@ -725,6 +725,8 @@ def prepare_output_dir(params: Any, *, outputs: tuple[str, ...] = RUN_OUTPUTS,
                              "pass --overwrite true to train it again, or another --output_dir")
         if checkpoint is not None:
             _remove(_present(output_dir, derived), f"--resume: the results of the earlier end of {output_dir}")
+            if _is_main_process():
+                print(f"{kind.lower()}: resuming from {checkpoint}", file=sys.stderr)
         return checkpoint
     if earlier:
         raise ValueError(f"{output_dir} already holds an earlier {kind} run ({', '.join(p.name for p in earlier[:5])}); "
@@ -982,11 +984,16 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         result = train_sft(params)
     except (TokenBudgetError, FileNotFoundError, ValueError, RuntimeError, UnknownModelError) as err:
-        print(f"bvip sft: {err}", file=sys.stderr)
+        print(f"bvip sft: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # an unwritable output_dir, a full disk
-        print(f"bvip sft: cannot write {err.filename or params.resolved_output_dir()}: {err.strerror or err}; "
-              "checkpoints already saved are kept (rerun with --resume auto)", file=sys.stderr)
+    except OSError as err:
+        from bvip_helpers.io import concerns, os_error_line
+
+        if not concerns(err, params.resolved_output_dir()):  # an unreadable input, not the output
+            print(f"bvip sft: error: {os_error_line(err)}", file=sys.stderr)
+            return 2
+        print(f"bvip sft: error: cannot write {os_error_line(err)}; checkpoints already saved are kept (make the "
+              "folder writable or free disk space, then rerun with --resume auto)", file=sys.stderr)
         return 2
     if result.eval:
         print(json.dumps({"presence": result.eval["presence"], "accuracy": result.eval["accuracy"]}, indent=2))

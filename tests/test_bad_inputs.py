@@ -314,6 +314,70 @@ def predict_missing_image_root(e):
     return _predict_args(_test_records(e), e.tmp / "preds.jsonl", image_root=e.tmp / "no_such_root")
 
 
+def predict_foreign_torn_out(e):
+    out = e.tmp / "preds.jsonl"  # another tool's file with a torn end: refused, and left byte for byte
+    out.write_bytes(b'{"image": "a.jpg", "text": "caf\xc3\xa9"}\n{"image": "b.jpg", "te')
+    _remember(e, out)
+    return _predict_args(_test_records(e), out)
+
+
+def predict_kept_apart_twice(e):
+    args = predict_foreign_out(e, "--restart_if_changed")
+    (e.tmp / "preds.jsonl.previous").write_text("kept apart by an earlier restart\n")
+    return args
+
+
+def check_both_kept_apart(e, out, err):
+    assert (e.tmp / "preds.jsonl.previous").read_text() == "kept apart by an earlier restart\n"
+    assert (e.tmp / "preds.jsonl.previous.1").read_bytes() == e.before
+
+
+def predict_other_dtype(e):
+    out = e.tmp / "preds.jsonl"  # written in float32; the rerun asks for bfloat16 (simulated in the file)
+    assert cli.main(_predict_args(_test_records(e), out)) == 0
+    write_jsonl(out, [{**line, "dtype": "bfloat16"} for line in read_jsonl(out)])
+    _remember(e, out)
+    return _predict_args(_test_records(e), out)
+
+
+def predict_model_not_loadable(e):
+    args = _predict_args(_test_records(e), e.tmp / "preds.jsonl")
+    args[args.index(MODEL)] = "Qwen/Qwen2-VL-2B-Instruct"  # a real hub id, not cached here (HF_HUB_OFFLINE)
+    return args
+
+
+# dpo and pairs -----------------------------------------------------------------------------
+
+
+def _one_pair(e) -> Path:
+    record = read_jsonl(e.data / "bvpi_chat_train.jsonl")[0]
+    from bvip_helpers.families import record_image_path, record_prompt, record_response
+
+    path = e.tmp / "pairs.jsonl"
+    write_jsonl(path, [{"image": record_image_path(record), "prompt": record_prompt(record),
+                        "chosen": record_response(record), "rejected": "Sidewalk: unknown."}])
+    return path
+
+
+def dpo_args(e, *extra: str) -> list[str]:
+    adapter = e.tmp / "adapter"
+    adapter.mkdir(exist_ok=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    return ["dpo", "--model", MODEL, "--adapter", str(adapter), "--train_pairs", str(_one_pair(e)),
+            "--image_root", str(SAMPLE), "--output_dir", str(e.tmp / "dpo"), *extra]
+
+
+def dpo_unknown_model(e):
+    args = dpo_args(e)
+    args[args.index(MODEL)] = "no-such-model"
+    return args
+
+
+def pairs_ranked_unknown_model(e):
+    return ["pairs", "--source", "ranked", "--model", "no-such-model", "--data_dir", str(e.data),
+            "--image_root", str(SAMPLE), "--limit", "2", "--out", str(e.tmp / "ranked.jsonl")]
+
+
 # evaluate --------------------------------------------------------------------------------
 
 
@@ -332,6 +396,11 @@ def evaluate_upper_case_suffix(e):
 def evaluate_unwritable_json(e):
     (e.tmp / "a_file").write_text("not a folder")
     return _evaluate_args(_write_preds(e, _split_predictions(e)), "--json", str(e.tmp / "a_file" / "report.json"))
+
+
+def evaluate_pred_jsonl_is_a_folder(e):
+    (e.tmp / "preds").mkdir()
+    return _evaluate_args(e.tmp / "preds")
 
 
 def evaluate_latin1_jsonl(e):
@@ -539,6 +608,21 @@ CASES = {
     "predict-unknown-model": Case(predict_unknown_model, 2, r"unknown model 'no-such-model'"),
     "predict-unwritable-out": Case(predict_unwritable_out, 2, r"cannot write .*a_file"),
     "predict-disk-full": Case(predict_disk_full, 2, r"No space left on device.*rerun the same command to resume"),
+    # a refused run never touches the file; a second restart keeps the first one's copy
+    "predict-foreign-torn-out-untouched": Case(predict_foreign_torn_out, 2, r"not written by `bvip predict`",
+                                               _no_change(lambda e: e.tmp / "preds.jsonl")),
+    "predict-kept-apart-twice": Case(predict_kept_apart_twice, 0, r"moved it to .*preds\.jsonl\.previous\.1",
+                                     check_both_kept_apart),
+    # item 2: the numerics (device, dtype) change the text, so they belong to the run's identity
+    "predict-other-dtype": Case(predict_other_dtype, 2, r"dtype: file has 'bfloat16', this run 'float32'",
+                                _no_change(lambda e: e.tmp / "preds.jsonl")),
+    # item 9: a model that cannot load is not an unwritable --out
+    "predict-model-not-loadable": Case(predict_model_not_loadable, 2,
+                                       r"^bvip predict: error: cannot load qwen2-vl-2b .*local model folder$"),
+    "dpo-missing-pairs": Case(lambda e: dpo_args(e, "--train_pairs", str(e.tmp / "none.jsonl")), 2,
+                              r"none\.jsonl: no such pairs file; make the pairs with `bvip pairs`"),
+    "dpo-unknown-model": Case(dpo_unknown_model, 2, r"^bvip dpo: error: unknown model 'no-such-model'"),
+    "pairs-ranked-unknown-model": Case(pairs_ranked_unknown_model, 2, r"^bvip pairs: error: unknown model 'no-such-model'"),
     # item 10
     "predict-latin1-jsonl": Case(predict_latin1_jsonl, 2, r"records\.jsonl: line 2 is not UTF-8 text \(byte 0xe9\)"),
     # smaller: --limit 0
@@ -554,6 +638,8 @@ CASES = {
     # item 9
     "evaluate-unwritable-json": Case(evaluate_unwritable_json, 2, r"cannot write the report to .*a_file"),
     # item 10 (evaluate has --skip_bad_lines, so it may suggest it)
+    "evaluate-pred-jsonl-is-a-folder": Case(evaluate_pred_jsonl_is_a_folder, 2,
+                                            r"^bvip evaluate: error: (cannot read .*preds|.*preds.*(folder|directory))"),
     "evaluate-latin1-jsonl": Case(evaluate_latin1_jsonl, 2, r"latin1\.jsonl: line 2 is not UTF-8 text"),
     # smaller: non-string captions are counted, look-alike characters normalised
     "evaluate-non-string-texts": Case(evaluate_non_string_texts, 0, r"non_string_texts=3",

@@ -69,7 +69,8 @@ def test_preference_batches_are_the_sft_rows_of_chosen_then_rejected(sft_run):
 @pytest.mark.slow
 def test_dpo_starts_at_the_sft_model_and_trains_the_adapter_and_output_layer(sft_run):
     root, adapter, made = sft_run
-    result = dpo.train_dpo(_params(root, adapter, "dpo"))
+    pairs.write_pairs(root / "val.jsonl", made[:4])
+    result = dpo.train_dpo(_params(root, adapter, "dpo", val_pairs=str(root / "val.jsonl")))
     assert result.global_step == 3
     assert result.losses[0][1] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
     out = Path(result.output_dir)
@@ -80,6 +81,14 @@ def test_dpo_starts_at_the_sft_model_and_trains_the_adapter_and_output_layer(sft
     assert any("lora_B" in k and not torch.equal(before[k], after[k]) for k in before)
     saved = json.loads((out / "dpo_result.json").read_text())
     assert saved["global_step"] == 3 and (out / "loss_curve.png").is_file()
+    # --val_pairs: the reference scored there is the SFT model, the policy the saved DPO adapter
+    held_out = json.loads((out / "preference_report.json").read_text())
+    for name, folder in (("sft", adapter), ("dpo", out)):
+        model, processor, spec = sft.load_trained(BASE, adapter=folder)
+        expected = dpo.preference_report(made[:4], dpo.score_pairs(model, processor, spec, made[:4], SAMPLE))
+        assert held_out["held_out"][name]["all"]["logp_margin_mean"] == pytest.approx(
+            expected["all"]["logp_margin_mean"], abs=2e-3)
+    assert set(held_out["image_reliance"]["all"]) >= {"pairs", *dpo.IMAGE_VARIANTS}
 
 
 @pytest.mark.slow
@@ -125,14 +134,23 @@ def test_a_resumed_dpo_run_ends_with_the_adapter_of_an_uninterrupted_one(sft_run
 
 
 def test_image_reliance_and_preference_reports_count_what_they_say():
-    pairs_ = [{"source": "controlled", "error_type": "sidewalk_flipped"},
-              {"source": "controlled", "error_type": "hazard_invented"}]
-    original = [(-1.0, -3.0), (-2.0, -1.0)]
-    mirror = [(-4.0, -2.0), (-2.0, -1.0)]
-    report = dpo.preference_report(pairs_, original, reference=[(-1.0, -1.0), (-2.0, -1.0)], beta=0.5)
-    assert report["all"]["preference_accuracy"] == 0.5
+    def caption(sidewalk: str, near: str) -> str:
+        return f"Sidewalk: {sidewalk}. Road: front. RoadVsSidewalk: crossing_front. Nearby: {near}. Context: a street."
+
+    pairs_ = [{"source": "controlled", "error_type": "sidewalk_flipped",
+               "chosen": caption("left", "nothing close"), "rejected": caption("right", "nothing close")},
+              {"source": "controlled", "error_type": "hazard_invented",
+               "chosen": caption("left", "nothing close"), "rejected": caption("left", "a car close on the left")},
+              {"source": "controlled", "error_type": "sidewalk_flipped",  # the mirror keeps a centred sidewalk
+               "chosen": caption("center", "nothing close"), "rejected": caption("left", "nothing close")}]
+    assert [dpo.mirror_makes_rejected_true(p) for p in pairs_] == [True, False, False]
+    original = [(-1.0, -3.0), (-2.0, -1.0), (-1.0, -3.0)]
+    mirror = [(-4.0, -2.0), (-2.0, -1.0), (-1.0, -3.0)]
+    report = dpo.preference_report(pairs_, original, reference=[(-1.0, -1.0), (-2.0, -1.0), (-1.0, -1.0)], beta=0.5)
+    assert report["all"]["preference_accuracy"] == pytest.approx(0.667, abs=1e-3)
     assert report["controlled:sidewalk_flipped"]["reward_margin_mean"] == 1.0
     reliance = dpo.image_reliance(pairs_, {"original": original, "mirror": mirror})
+    assert reliance["sidewalk_flipped"]["mirror_turnable"] == 1  # the centred one cannot turn
     assert reliance["sidewalk_flipped"]["turned_by_mirror"] == 1.0
     assert "turned_by_mirror" not in reliance["hazard_invented"]
     from PIL import Image

@@ -142,19 +142,25 @@ def test_bad_image_is_named_and_skipped_only_on_request(loaded, scenes, tmp_path
         predict(loaded, [{"image": "../outside.jpg"}], root, tmp_path / "p2.jsonl", progress=False)
 
 
-def test_recover_output_drops_only_a_truncated_last_line(tmp_path):
+def test_recover_output_drops_only_a_truncated_last_line_and_leaves_the_file_alone(tmp_path):
     from bvip_helpers.predict import recover_output
 
     path = tmp_path / "p.jsonl"
-    path.write_text('{"image": "a.jpg", "text": "x"}\n{"image": "b.jpg", "te', encoding="utf-8")
-    records, dropped = recover_output(path)
-    assert dropped == 1 and [r["image"] for r in records] == ["a.jpg"]
-    assert path.read_text(encoding="utf-8") == '{"image": "a.jpg", "text": "x"}\n'  # rewritten
+    torn = '{"image": "a.jpg", "text": "x"}\n{"image": "b.jpg", "te'
+    path.write_text(torn, encoding="utf-8")
+    records, dropped, rewrite = recover_output(path)
+    assert dropped == 1 and rewrite and [r["image"] for r in records] == ["a.jpg"]
+    assert path.read_text(encoding="utf-8") == torn  # the caller rewrites it, once the file is known to be its run's
+    path.write_bytes('{"image": "a.jpg", "text": "é"}\n{"image": "b.jpg", "text": "é'.encode()[:-1])  # a cut character
+    assert recover_output(path)[:2] == ([{"image": "a.jpg", "text": "é"}], 1)
     path.write_text('{"image": "a.jpg", "text": "x"}\nnot json\n{"image": "c.jpg", "text": "y"}\n', encoding="utf-8")
     with pytest.raises(JsonlError, match="line 2"):
         recover_output(path)
+    path.write_bytes(b'{"image": "a.jpg", "text": "caf\xe9"}\n{"image": "c.jpg", "text": "y"}\n')  # Latin-1: not ours
+    with pytest.raises(JsonlError, match="line 1 is not a UTF-8"):
+        recover_output(path)
     path.write_text('{"image": "a.jpg", "text": "x"}', encoding="utf-8")  # complete, newline missing: kept
-    assert recover_output(path) == ([{"image": "a.jpg", "text": "x"}], 0)
+    assert recover_output(path) == ([{"image": "a.jpg", "text": "x"}], 0, True)
 
 
 def test_injected_crash_then_resume_gives_one_line_per_image(loaded, scenes, tmp_path, monkeypatch):

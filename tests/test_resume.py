@@ -1,12 +1,12 @@
 """Killed at random moments, resumed, and the same output as an uninterrupted run (issue 21).
 
-``bvip predict`` and ``bvip sft`` run as real processes on the committed sample (``data/sample``)
-with the committed demo base (``tiny-qwen2-vl-base``) and get SIGKILL three times each, at moments
-drawn from a seeded RNG: after a random amount of progress, plus a random delay, so a kill may land
-in a generation step, in a write, in a training step or in a checkpoint save. Each rerun resumes
-(``bvip sft --resume auto``); the last one finishes. The predictions file must then be byte for byte
-the uninterrupted run's, and the adapter's tensors and the logged losses the uninterrupted run's.
-(``bvip dpo`` does not exist yet; its test belongs here when it does.)
+``bvip predict``, ``bvip sft`` and ``bvip dpo`` run as real processes on the committed sample
+(``data/sample``) with the committed demo base (``tiny-qwen2-vl-base``) and get SIGKILL three times
+each, at moments drawn from a seeded RNG: after a random amount of progress, plus a random delay, so a
+kill may land in a generation step, in a write, in a training step or in a checkpoint save. Each rerun
+resumes (``--resume auto`` for training); the last one finishes. The predictions file must then be
+byte for byte the uninterrupted run's, and the adapter's tensors and the logged losses the
+uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -95,36 +95,62 @@ def test_predict_killed_three_times_ends_like_an_uninterrupted_run(data_dir, tmp
     assert not out.with_name(out.name + ".lock").exists()  # the last run removed its lock file
 
 
-def test_sft_killed_three_times_ends_with_the_same_adapter_and_losses(data_dir, tmp_path):
+def _checkpoint_reached(out: Path, step: int) -> Callable[[], bool]:
+    def check() -> bool:
+        steps = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+        return max(steps, default=0) >= step
+    return check
+
+
+def _kill_training_three_times(command: str, common: list[str], out: Path, log: Path, last_step: int) -> None:
+    """Start ``bvip COMMAND`` into ``out``, kill it after three random checkpoints, then let it finish."""
+    rng = random.Random(21)
+    for i, step in enumerate(sorted(rng.sample(range(2, last_step, 2), KILLS))):
+        proc = _start([command, *common, "--output_dir", str(out), *(["--resume", "auto"] if i else [])], log)
+        assert _kill_when(proc, _checkpoint_reached(out, step), delay=rng.uniform(0, 0.3)), "the kill must land mid-run"
+        assert not (out / f"{command}_result.json").exists(), log.read_text()[-3000:]
+    done = _start([command, *common, "--output_dir", str(out), "--resume", "auto"], log)
+    assert done.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert log.read_text().count(": resuming from ") == KILLS  # every rerun continued, none started over
+
+
+def _assert_same_run(straight: Path, killed: Path, command: str, steps: int) -> None:
     import torch
     from safetensors.torch import load_file
 
+    a, b = load_file(str(straight / "adapter_model.safetensors")), load_file(str(killed / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    losses = [json.loads((d / f"{command}_result.json").read_text())["losses"] for d in (straight, killed)]
+    assert [s for s, _ in losses[1]] == list(range(1, steps + 1))  # one loss per step, none lost or repeated
+    assert [v for _, v in losses[1]] == pytest.approx([v for _, v in losses[0]], rel=1e-5)
+
+
+def test_sft_killed_three_times_ends_with_the_same_adapter_and_losses(data_dir, tmp_path):
     common = ["--model", MODEL, "--data_dir", str(data_dir), "--image_root", str(SAMPLE), "--batch_size", "2",
               "--max_steps", "20", "--save_steps", "2", "--logging_steps", "1", "--lora_dropout", "0.1",
               "--eval", "false", "--merge", "false", "--seed", "0"]
     straight = tmp_path / "straight"
     assert cli.main(["sft", *common, "--output_dir", str(straight)]) == 0
 
-    out, log = tmp_path / "killed", tmp_path / "sft.log"
+    _kill_training_three_times("sft", common, tmp_path / "killed", tmp_path / "sft.log", last_step=14)
+    _assert_same_run(straight, tmp_path / "killed", "sft", steps=20)
 
-    def reached(step: int) -> Callable[[], bool]:
-        def check() -> bool:
-            steps = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-            return max(steps, default=0) >= step
-        return check
 
-    rng = random.Random(21)
-    for i, step in enumerate(sorted(rng.sample(range(2, 14, 2), KILLS))):
-        proc = _start(["sft", *common, "--output_dir", str(out), *(["--resume", "auto"] if i else [])], log)
-        assert _kill_when(proc, reached(step), delay=rng.uniform(0, 0.3)), "the kill must land mid-run"
-        assert not (out / "sft_result.json").exists(), log.read_text()[-3000:]
-    done = _start(["sft", *common, "--output_dir", str(out), "--resume", "auto"], log)
-    assert done.wait(timeout=300) == 0, log.read_text()[-3000:]
+def test_dpo_killed_three_times_ends_with_the_same_adapter_and_losses(data_dir, tmp_path):
+    from bvip_helpers import pairs, sft
 
-    a, b = load_file(str(straight / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and a
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6), key
-    losses = [json.loads((d / "sft_result.json").read_text())["losses"] for d in (straight, out)]
-    assert [s for s, _ in losses[1]] == list(range(1, 21))  # one loss per step, none lost or repeated
-    assert [v for _, v in losses[1]] == pytest.approx([v for _, v in losses[0]], rel=1e-5)
+    adapter = tmp_path / "sft"  # a short SFT run, the output layer trained in full as in the demo
+    sft.train_sft(sft.SFTParams(model=MODEL, data_dir=str(data_dir), image_root=str(SAMPLE), output_dir=str(adapter),
+                                max_steps=3, batch_size=4, lr=4e-3, lora_r=8, lora_alpha=8, eval=False, merge=False,
+                                lora_modules_to_save="lm_head", logging_steps=1))
+    made, _ = pairs.controlled_pairs(read_jsonl(data_dir / "bvpi_chat_train.jsonl"), seed=0)
+    pairs.write_pairs(tmp_path / "pairs.jsonl", made)
+    common = ["--model", MODEL, "--adapter", str(adapter), "--train_pairs", str(tmp_path / "pairs.jsonl"),
+              "--image_root", str(SAMPLE), "--batch_size", "2", "--max_steps", "16", "--save_steps", "2",
+              "--logging_steps", "1", "--lr", "5e-3", "--warmup", "0", "--seed", "0"]
+    straight = tmp_path / "straight"
+    assert cli.main(["dpo", *common, "--output_dir", str(straight)]) == 0
+    _kill_training_three_times("dpo", common, tmp_path / "killed", tmp_path / "dpo.log", last_step=12)
+    _assert_same_run(straight, tmp_path / "killed", "dpo", steps=16)
