@@ -51,8 +51,14 @@ BACKENDS = ("transformers", "openai", "ollama", "clip-interrogator", "chain")
 #: Prompt presets: the plain captioning instruction and the BVIP instruction (the records' default).
 PROMPT_PRESETS = {"plain": schema.PLAIN_PROMPT, "bvip": schema.DEFAULT_PROMPT}
 
-#: HTTP answers worth another try: rate limits and server trouble.
-RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+#: HTTP answers worth another try: rate limits and server trouble (every 5xx but 501, see :func:`retryable`).
+RETRY_STATUS = frozenset({408, 409, 429})
+
+
+def retryable(status: int) -> bool:
+    """Rate limits, conflicts, timeouts and server errors; not 501 (the server lacks the feature: no retry mends it)."""
+    return status in RETRY_STATUS or (500 <= status < 600 and status != 501)
+
 #: HTTP answers that no retry mends: the key, the URL or the model is wrong.
 FATAL_STATUS = frozenset({401, 403, 404})
 SCHEMA_FAILURE_CHOICES = ("mark", "retry")
@@ -284,7 +290,8 @@ class ServedBackend(Backend):
     def _body(self, mime: str, data: str, prompt: str, max_new_tokens: int) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _content(self, answer: Any) -> str:
+    def _content(self, answer: Any) -> tuple[str, str | None]:
+        """``(the answer's text, why the server stopped: "stop", "length" or None)``."""
         raise NotImplementedError
 
     def _redact(self, text: str) -> str:
@@ -322,7 +329,7 @@ class ServedBackend(Backend):
                     raw = response.read()
             except urllib.error.HTTPError as err:
                 failure = _RequestFailed(err.code, self._redact(_error_detail(err)), attempt + 1)
-                if err.code not in RETRY_STATUS:
+                if not retryable(err.code):
                     raise failure from None
                 wait = min(_retry_after(err) or wait, self.max_backoff)
             except (urllib.error.URLError, http.client.HTTPException, OSError) as err:  # refused, reset, timed out
@@ -375,14 +382,18 @@ class ServedBackend(Backend):
         asks = 1 + (self.schema_retries if self.on_schema_failure == "retry" else 0)
         for ask in range(asks):
             try:
-                content = self._content(self._post(body))
+                content, stopped = self._content(self._post(body))
             except _RequestFailed as failure:
                 # Until one request has worked, a failure says the server, key or URL is wrong: stop the run.
                 if first or failure.status in FATAL_STATUS:
                     raise BackendError(self._explain(failure)) from None
                 return CaptionResult(None, error=str(failure))
             self._reached = True
+            if not content.strip():  # nothing to caption with: not written, so the next run asks again
+                return CaptionResult(None, error=f"the server answered with no text (finish_reason {stopped!r})")
             text, problems, extra = self._to_caption(content)
+            if stopped is not None:
+                extra["finish_reason"] = stopped  # "length": cut off at --max_new_tokens
             if not problems or ask == asks - 1:
                 break
         extra["schema_ok"] = not problems
@@ -460,14 +471,15 @@ class OpenAIBackend(ServedBackend):
             body["seed"] = self.seed
         return {**body, **structured.request_fields(self.structured)}
 
-    def _content(self, answer: Any) -> str:
+    def _content(self, answer: Any) -> tuple[str, str | None]:
         try:
-            content = answer["choices"][0]["message"]["content"]
+            choice = answer["choices"][0]
+            content = choice["message"]["content"]
         except (KeyError, IndexError, TypeError):
             raise _RequestFailed(200, f"no choices[0].message.content in the answer: {str(answer)[:200]}", 1) from None
         if isinstance(content, list):  # content parts
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        return content or ""
+        return content if isinstance(content, str) else "", choice.get("finish_reason")
 
 
 class OllamaBackend(ServedBackend):
@@ -500,11 +512,12 @@ class OllamaBackend(ServedBackend):
             body["format"] = structured.CAPTION_JSON_SCHEMA
         return body
 
-    def _content(self, answer: Any) -> str:
+    def _content(self, answer: Any) -> tuple[str, str | None]:
         try:
-            return answer["message"]["content"] or ""
+            content = answer["message"]["content"]
         except (KeyError, TypeError):
             raise _RequestFailed(200, f"no message.content in the answer: {str(answer)[:200]}", 1) from None
+        return content if isinstance(content, str) else "", answer.get("done_reason")
 
 
 # --- CLIP-Interrogator ----------------------------------------------------------------

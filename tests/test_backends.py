@@ -115,6 +115,40 @@ def test_429_5xx_timeouts_and_dropped_connections_are_retried_with_backoff():
     assert result.extra["schema_ok"] is False and result.extra["schema_errors"]
 
 
+def test_every_5xx_but_501_is_retried():
+    assert all(backends.retryable(code) for code in (408, 429, 500, 502, 520, 524, 529, 599))
+    assert not any(backends.retryable(code) for code in (400, 401, 404, 413, 422, 501))
+    script = {1: Reply(520, {"error": "origin error"}), 2: Reply(529, {"error": "overloaded"})}
+    with StubServer(lambda request, number: script.get(number) or Reply(body=chat_answer("Sidewalk: left."))) as stub:
+        backend = OpenAIBackend("m", base_url=stub.url + "/v1", **FAST)
+        assert backend.caption([load_image(SAMPLE / IMAGES[0])], ["p"], max_new_tokens=8)[0].text == "Sidewalk: left."
+    assert len(stub.requests) == 3
+
+
+def test_an_empty_answer_is_not_a_caption_and_a_cut_off_one_says_so(tmp_path):
+    from bvip_helpers.predict import predict
+
+    empty_for = {IMAGES[1], IMAGES[2]}
+
+    def answer(request, number):
+        reply = _openai_echo(request, number)
+        image = next(i for i in IMAGES if _caption_of(load_image(SAMPLE / i)) == reply.body["choices"][0]["message"]["content"])
+        if image in empty_for:
+            return Reply(body={"choices": [{"index": 0, "finish_reason": "length",
+                                            "message": {"role": "assistant", "content": None if image == IMAGES[1] else " "}}]})
+        reply.body["choices"][0]["finish_reason"] = "length"
+        return reply
+
+    out = tmp_path / "preds.jsonl"
+    with StubServer(answer) as stub:
+        stats = predict(OpenAIBackend("m", base_url=stub.url + "/v1", **FAST), RECORDS, SAMPLE, out,
+                        max_new_tokens=20, progress=False)
+    assert len(stats.failed) == 2 and all("no text (finish_reason 'length')" in f for f in stats.failed)
+    lines = read_jsonl(out)
+    assert {line["image"] for line in lines} == set(IMAGES) - empty_for  # left for the next run to ask again
+    assert all(line["finish_reason"] == "length" for line in lines)
+
+
 def test_a_request_that_fails_for_good_is_reported_for_its_image_and_the_rerun_fills_it(tmp_path, capsys):
     from bvip_helpers.predict import predict
 

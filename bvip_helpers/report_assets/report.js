@@ -340,9 +340,10 @@
     if (state.disagree) rows = rows.filter((row) => row.image.disagree);
     if (state.suspect) rows = rows.filter((row) => row.image.suspect.length);
     const sev = (row, m) => (byImage[row.i][m] ? byImage[row.i][m].severity : 0);
-    if (state.awrong) {
-      rows = rows.map((row) => Object.assign(row, { delta: sev(row, state.a) - sev(row, state.b) }))
-        .filter((row) => row.delta > 0);
+    const right = (row, m) => Boolean(byImage[row.i][m]) && !byImage[row.i][m].errors.length;
+    if (state.awrong) {  // A has an error, B has none: what B gets right that A does not
+      rows = rows.filter((row) => byImage[row.i][state.a] && !right(row, state.a) && right(row, state.b))
+        .map((row) => Object.assign(row, { delta: sev(row, state.a) - sev(row, state.b) }));
       rows.sort((x, y) => y.delta - x.delta || x.image.name.localeCompare(y.image.name));
     } else {
       rows.sort((x, y) => y.worst - x.worst || x.image.name.localeCompare(y.image.name));
@@ -359,7 +360,7 @@
     const rows = sbsRows();
     const [start, end] = pager(rows.length, "images");
     $("status").textContent = rows.length + " of " + images.length + " images" + (state.awrong
-      ? ": " + DATA.models[state.a] + " worse than " + DATA.models[state.b] + ", largest difference first" : "");
+      ? ": " + DATA.models[state.a] + " wrong, " + DATA.models[state.b] + " right, largest difference first" : "");
     const head = el("tr", {}, el("th", { scope: "col", text: "image and truth" }),
       ...DATA.models.map((m) => el("th", { scope: "col", text: m })));
     if (state.awrong) head.append(el("th", { scope: "col", text: "severity " + DATA.models[state.a] + " − " + DATA.models[state.b] }));
