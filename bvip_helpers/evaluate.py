@@ -494,17 +494,22 @@ def read_predictions(pred_jsonl: str | Path, *, skip_bad_lines: bool = False) ->
     """Predictions JSONL -> (frame with ``image`` and ``text``, number of bad lines skipped).
 
     A line that is not a JSON object (or not UTF-8) raises :class:`~bvip_helpers.io.JsonlError` naming
-    its line number. A record without ``image`` or without both ``text`` and ``response`` raises a
-    ``ValueError`` naming its line. With ``skip_bad_lines`` both are counted instead.
+    its line number. A record without an ``image`` path (a number or null is none) or without both
+    ``text`` and ``response`` raises a ``ValueError`` naming its line. With ``skip_bad_lines`` both are
+    counted instead.
     """
     bad_lines: list[int] = []
     records, bad_records = [], 0
     for number, record in numbered_jsonl(pred_jsonl, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines,
                                          skip_flag="--skip_bad_lines"):
-        if "image" in record and ("text" in record or "response" in record):
+        image = record.get("image")
+        if isinstance(image, str) and image.strip() and ("text" in record or "response" in record):
             records.append(record)
         elif skip_bad_lines:
             bad_records += 1
+        elif "image" in record and not (isinstance(image, str) and image.strip()):
+            raise ValueError(f"{pred_jsonl}: line {number} has 'image' {image!r}, not an image path; fix it, or "
+                             "pass --skip_bad_lines to count and skip it")
         else:
             raise ValueError(f"{pred_jsonl}: line {number} lacks 'image' or "
                              "'text'/'response'; fix it, or pass --skip_bad_lines to count and skip it")

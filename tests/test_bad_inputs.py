@@ -403,6 +403,12 @@ def evaluate_pred_jsonl_is_a_folder(e):
     return _evaluate_args(e.tmp / "preds")
 
 
+def evaluate_non_string_image(e, *extra):
+    preds = _split_predictions(e)
+    preds[1]["image"] = 5
+    return _evaluate_args(_write_preds(e, preds), *extra)
+
+
 def evaluate_latin1_jsonl(e):
     preds = _write_preds(e, _split_predictions(e))
     return _evaluate_args(_latin1_copy(e, preds, "latin1.jsonl"))
@@ -640,6 +646,9 @@ CASES = {
     # item 10 (evaluate has --skip_bad_lines, so it may suggest it)
     "evaluate-pred-jsonl-is-a-folder": Case(evaluate_pred_jsonl_is_a_folder, 2,
                                             r"^bvip evaluate: error: (cannot read .*preds|.*preds.*(folder|directory))"),
+    "evaluate-image-not-a-path": Case(evaluate_non_string_image, 2, r"line 2 has 'image' 5, not an image path"),
+    "evaluate-image-not-a-path-skipped": Case(lambda e: evaluate_non_string_image(e, "--skip_bad_lines"), 0,
+                                              r"bad_lines=1"),
     "evaluate-latin1-jsonl": Case(evaluate_latin1_jsonl, 2, r"latin1\.jsonl: line 2 is not UTF-8 text"),
     # smaller: non-string captions are counted, look-alike characters normalised
     "evaluate-non-string-texts": Case(evaluate_non_string_texts, 0, r"non_string_texts=3",
