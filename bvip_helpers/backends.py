@@ -668,6 +668,13 @@ def _registry_served(backend: str, model: str | None, served: dict[str, Any]) ->
     return spec.hub_id, {**served, "base_url": served.get("base_url") or spec.endpoint}
 
 
+def _chain_step_served(kind: str, url: str | None, served: dict[str, Any]) -> dict[str, Any]:
+    """A chain step's server settings: its own ``@URL``, else ``--base_url`` for an ``openai`` step only (an
+    Ollama step without ``@URL`` reads ``$OLLAMA_HOST``: one shared URL cannot be both servers)."""
+    step = {k: v for k, v in served.items() if k != "base_url" or kind == "openai"}
+    return {**step, "base_url": url} if url else step
+
+
 def make_backend(backend: str, model: str | None, *, adapter: Any = None, num_beams: int = 1,
                  constrained: bool = False, chain: str | None = None, captioner: str = CLIP_INTERROGATOR_CAPTIONER,
                  top_k: int = 3, refine_prompt: str | None = None, **served: Any) -> Backend:
@@ -692,8 +699,7 @@ def make_backend(backend: str, model: str | None, *, adapter: Any = None, num_be
 
         if not chain:
             raise ValueError("--backend chain needs --chain BACKEND:MODEL,BACKEND:MODEL[,...]")
-        steps = [make_backend(kind, step_model, captioner=captioner, top_k=top_k,
-                              **{**served, **({"base_url": url} if url else {})})
+        steps = [make_backend(kind, step_model, captioner=captioner, top_k=top_k, **_chain_step_served(kind, url, served))
                  for kind, step_model, url in parse_chain(chain)]
         return ChainBackend(steps, refine_prompt or REFINE_PROMPT)
     raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")

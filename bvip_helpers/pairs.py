@@ -471,6 +471,8 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--annotations_csv", type=resolve_cli_path, default=None, help="ranked: the annotations")
     parser.add_argument("--judge_model", default=None,
                         help="ranked: a smaller model that judges instead of the annotations (greedy caption)")
+    parser.add_argument("--judge_adapter", type=resolve_cli_path, default=None,
+                        help="ranked: the judge's SFT adapter (a base model does not write the BVIP fields)")
     parser.add_argument("--n", type=int, default=4, help="ranked: candidates per image (default: 4)")
     parser.add_argument("--temperature", type=float, default=1.0, help="ranked: sampling temperature (default: 1.0)")
     parser.add_argument("--top_p", type=float, default=0.95, help="ranked: nucleus sampling (default: 0.95)")
@@ -508,7 +510,7 @@ def run_cli(args: argparse.Namespace) -> int:
                 if not args.judge_model:
                     truth = load_ground_truth(args.captions_csv or args.image_root / CAPTIONS_FILE,
                                               args.annotations_csv or args.image_root / ANNOTATIONS_FILE)
-                judge = load(args.judge_model) if args.judge_model else None
+                judge = load(args.judge_model, args.judge_adapter) if args.judge_model else None
                 records = [r for r in records if record_image_path(r)]
                 pairs, counts = ranked_pairs(load(args.model, args.adapter), records, args.image_root, truth,
                                              sampling=SamplingParams(n=args.n, temperature=args.temperature,

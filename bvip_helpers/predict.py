@@ -493,7 +493,8 @@ def _configure_backend_cli(group: Any) -> None:
     group.add_argument("--top_k", type=int, default=3, help="clip-interrogator: object phrases kept")
     group.add_argument("--chain", default=None,
                        help="chain: BACKEND:MODEL[@URL],BACKEND:MODEL[@URL],... ; every step after the first "
-                       "refines the previous description")
+                       "refines the previous description. A step without @URL: --base_url for openai steps, "
+                       "$OLLAMA_HOST for ollama ones")
 
 
 #: backends whose --model is a model folder here (a served backend's model is the server's name for it)

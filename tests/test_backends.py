@@ -346,6 +346,14 @@ def test_parse_chain_and_registry_names_of_served_models():
     assert backends.public_url("https://user:secret@host.example:8443/v1/?key=abc") == "https://host.example:8443/v1"
 
 
+def test_a_chain_gives_base_url_to_its_openai_steps_and_each_step_its_own_url(monkeypatch):
+    monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:11500")
+    made = backends.make_backend("chain", None, chain="openai:a,ollama:llava:7b,openai:b@http://127.0.0.1:9/v1",
+                                 base_url="http://127.0.0.1:8000/v1")
+    assert [step.base_url for step in made.steps] == ["http://127.0.0.1:8000/v1", "http://127.0.0.1:11500",
+                                                      "http://127.0.0.1:9/v1"]
+
+
 def test_zero_shot_registry_entries_are_never_loaded_or_trained_here():
     from bvip_helpers.registry import MODELS, load_model_and_processor
     from bvip_helpers.sft import SFTParams, _trainer_kind

@@ -517,8 +517,13 @@ def build_missing_image_root(e):
 # sft -------------------------------------------------------------------------------------
 
 
+def _repo_figures() -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (REPO / "figures").glob("*")}
+
+
 def sft_into_finished_run(e, *extra):
     out = _fake_finished_sft_run(e)
+    e.figures_before = _repo_figures()
     return ["sft", *_sft_args(e.data, out), *extra]
 
 
@@ -535,6 +540,8 @@ def check_overwrite_cleared_the_earlier_run(e, out, err):
     assert (run / "adapter_model.safetensors").stat().st_size > 1000  # the new adapter
     assert json.loads((run / "sft_result.json").read_text())["global_step"] == 1
     assert (run / "notes.txt").read_text() == "mine"  # not a run file: kept
+    assert (run / "loss_curve.png").is_file()  # smaller: the loss figure goes with the run, not into <repo>/figures
+    assert _repo_figures() == e.figures_before
 
 
 def sft_corrupt_latest_checkpoint(e):

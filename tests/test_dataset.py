@@ -141,7 +141,7 @@ def test_every_sft_row_parses_back_to_its_annotation(scenes, tmp_path):
 
 
 def test_synthetic_dataset_round_trip(tmp_path):
-    synth = pytest.importorskip("bvip_helpers.demo.synth")
+    from bvip_helpers.demo import synth
     if not hasattr(synth, "generate_dataset"):
         pytest.skip("bvip_helpers.demo.synth.generate_dataset not available")
     paths = synth.generate_dataset(tmp_path / "synth", n=30, seed=0, show_progress=False)

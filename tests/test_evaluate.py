@@ -311,7 +311,7 @@ def test_reference_responses_score_perfectly(tmp_path):
     captions, annotations = REFERENCE_DIR / "complete_captions_sensation.csv", REFERENCE_DIR / "annotations_with_obj_pos.csv"
     if not captions.is_file() or not annotations.is_file():
         pytest.skip(f"reference CSVs not found under {REFERENCE_DIR}")
-    dataset = pytest.importorskip("bvip_helpers.dataset")
+    from bvip_helpers import dataset
     gt = dataset.load_ground_truth(captions, annotations)
     rows = gt[gt["split"] == "test"]
     pred_jsonl = tmp_path / "preds.jsonl"

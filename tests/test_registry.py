@@ -94,7 +94,7 @@ def test_get_spec_infers_family_from_a_local_dir(tmp_path):
 
 def test_a_local_twin_folder_keeps_its_own_image_size(tmp_path):
     """A folder with twin_meta.json (a twin or a model trained from one) must not get the hub model's budget."""
-    twins = pytest.importorskip("bvip_helpers.demo.twins")
+    from bvip_helpers.demo import twins
     assert registry.TWIN_META_FILE == twins.META_FILE
     folder = tmp_path / "tiny-qwen2-vl-base"
     folder.mkdir()
@@ -137,9 +137,10 @@ def test_loader_refuses_export_only_remote_code_and_cpu_4bit(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_loader_loads_a_tiny_twin_and_an_adapter(tmp_path, monkeypatch):
-    twins = pytest.importorskip("bvip_helpers.demo.twins")
     import torch
     from peft import LoraConfig, get_peft_model
+
+    from bvip_helpers.demo import twins
 
     monkeypatch.setenv("BVIP_ROOT", str(tmp_path))
     twins.build_tiny_model("qwen2-vl", tmp_path / "runs/models/tiny-qwen2-vl", seed=0)
@@ -213,7 +214,7 @@ def test_cli_prints_both_tables(capsys):
 @pytest.mark.parametrize("family", ["qwen2-vl", "smolvlm", "internvl"])
 def test_image_budget_reaches_the_image_processor(family, tmp_path):
     """The real entries' image budgets are valid image processor settings (checked on the family's tiny twin)."""
-    twins = pytest.importorskip("bvip_helpers.demo.twins")
+    from bvip_helpers.demo import twins
 
     twin_dir = twins.build_tiny_model(family, tmp_path / family)
     budget = MODELS[registry.FAMILY_REFERENCE[family]].image_budget
@@ -238,8 +239,9 @@ def test_qwen_budget_holds_without_future_warnings(tmp_path):
     import shutil
     import warnings
 
-    twins = pytest.importorskip("bvip_helpers.demo.twins")
     from PIL import Image
+
+    from bvip_helpers.demo import twins
 
     twin_dir = twins.build_tiny_model("qwen2-vl", tmp_path / "twin")
     hub_like = shutil.copytree(twin_dir, tmp_path / "hub-like")
