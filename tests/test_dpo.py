@@ -92,6 +92,19 @@ def test_dpo_starts_at_the_sft_model_and_trains_the_adapter_and_output_layer(sft
 
 
 @pytest.mark.slow
+def test_gradient_checkpointing_trains_the_same_adapter(sft_run):
+    root, adapter, _ = sft_run
+    args = dpo.build_dpo_trainer(_params(root, adapter, "checkpointing_args", gradient_checkpointing=True)).trainer.args
+    assert getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", None)
+    runs = [dpo.train_dpo(_params(root, adapter, f"checkpointing_{on}", max_steps=2, gradient_checkpointing=on))
+            for on in (False, True)]
+    a, b = (load_file(str(Path(r.output_dir) / "adapter_model.safetensors")) for r in runs)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert [v for _, v in runs[0].losses] == pytest.approx([v for _, v in runs[1].losses], rel=1e-4)
+
+
+@pytest.mark.slow
 def test_trl_log_probabilities_match_our_scoring_of_the_sft_model(sft_run):
     """TRL's fused LM head must score with the output layer SFT trained (modules_to_save), and the reference
     must be the SFT adapter: at the start both give our own log-probabilities of the SFT model."""
