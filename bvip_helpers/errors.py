@@ -290,18 +290,21 @@ def flag_label_errors(records: list[dict[str, Any]]) -> None:
 
 def build_records_from_files(prediction_files: Mapping[str, str | os.PathLike[str]], captions_csv: str | os.PathLike[str],
                              annotations_csv: str | os.PathLike[str], image_root: str | os.PathLike[str],
-                             split: str = "test", *, skip_bad_lines: bool = False) -> list[dict[str, Any]]:
+                             split: str = "test", *, skip_bad_lines: bool = False,
+                             require_images: bool = True) -> list[dict[str, Any]]:
     """:func:`build_records` from prediction JSONL files (label -> path) and the two CSVs.
 
     Every image of the records must lie under ``image_root``: a missing one raises
-    :class:`~bvip_helpers.io.ImagePathError` naming it, rather than leaving a card without its picture.
+    :class:`~bvip_helpers.io.ImagePathError` naming it, rather than leaving a card without its picture
+    (``require_images=False``: the report's ``--skip_bad_images`` says so on the card instead).
     """
     from bvip_helpers.dataset import load_ground_truth  # the builder owns the ground-truth rules
 
     predictions = {label: evaluate.read_predictions(path, skip_bad_lines=skip_bad_lines)[0]
                    for label, path in prediction_files.items()}
     records = build_records(predictions, load_ground_truth(captions_csv, annotations_csv), split)
-    check_images(records, image_root, captions_csv)
+    if require_images:
+        check_images(records, image_root, captions_csv)
     return records
 
 

@@ -78,19 +78,35 @@ def _claims(record: Mapping[str, Any]) -> str:
     return json.dumps([prediction["fields"], {k: sorted(v) for k, v in prediction["near"].items()}], sort_keys=True)
 
 
+def _thumbnail_or_why(image_root: str | os.PathLike[str], image_path: str, thumb_size: int,
+                      skip_bad_images: bool) -> tuple[str | None, str | None]:
+    """``(data URI, None)``, or with ``skip_bad_images`` ``(None, why)`` for a missing or unreadable image."""
+    try:
+        return thumbnail_uri(image_root, image_path, thumb_size), None
+    except ImagePathError as err:
+        if not skip_bad_images:
+            raise ImagePathError(f"{err}; fix it or --image_root, or pass --skip_bad_images to show its cards "
+                                 "without a picture") from err
+        return None, str(err)
+
+
 def report_data(records: Sequence[Mapping[str, Any]], image_root: str | os.PathLike[str], *, title: str = "",
-                thumb_size: int = THUMB_SIZE) -> dict[str, Any]:
-    """Everything the page shows, as one JSON-ready dict: models, summary, images (truth, thumbnail), records."""
+                thumb_size: int = THUMB_SIZE, skip_bad_images: bool = False) -> dict[str, Any]:
+    """Everything the page shows, as one JSON-ready dict: models, summary, images (truth, thumbnail), records.
+
+    A missing or unreadable image stops it (:class:`ImagePathError`), unless ``skip_bad_images``: then its
+    cards say why there is no picture (never another picture in its place), and ``unreadableImages`` counts them.
+    """
     models = list(dict.fromkeys(r["model"] for r in records))
     images: dict[str, dict[str, Any]] = {}
     claims: dict[str, set[str]] = {}
     for record in records:
         claims.setdefault(record["image"], set()).add(_claims(record))
         if record["image"] not in images:
-            images[record["image"]] = {"name": record["image"], "path": record["image_path"],
-                                       "thumb": thumbnail_uri(image_root, record["image_path"], thumb_size),
-                                       "truth": record["truth"], "suspect": record["label_suspect"],
-                                       "crowding": record["crowding"]}
+            thumb, why = _thumbnail_or_why(image_root, record["image_path"], thumb_size, skip_bad_images)
+            images[record["image"]] = {"name": record["image"], "path": record["image_path"], "thumb": thumb,
+                                       "unreadable": why, "truth": record["truth"],
+                                       "suspect": record["label_suspect"], "crowding": record["crowding"]}
     for name, image in images.items():
         image["disagree"] = len(claims[name]) > 1
     index = {name: i for i, name in enumerate(images)}
@@ -108,6 +124,7 @@ def report_data(records: Sequence[Mapping[str, Any]], image_root: str | os.PathL
         "summary": [{k: _plain(v) for k, v in row.items()} for row in summary.to_dict("records")],
         "truthSpoken": {k: _plain(v) for k, v in truth_spoken.items()},  # the reference column of the summary
         "images": list(images.values()),
+        "unreadableImages": sum(image["thumb"] is None for image in images.values()),
         "records": [{"model": models.index(r["model"]), "image": index[r["image"]], "severity": r["severity"],
                      "errors": r["errors"], "prediction": r["prediction"], "spoken": r["spoken"]} for r in records],
     }
@@ -139,10 +156,15 @@ def render_html(data: Mapping[str, Any]) -> str:
 
 
 def write_report(records: Sequence[Mapping[str, Any]], image_root: str | os.PathLike[str],
-                 out_dir: str | os.PathLike[str], *, title: str = "", thumb_size: int = THUMB_SIZE) -> Path:
+                 out_dir: str | os.PathLike[str], *, title: str = "", thumb_size: int = THUMB_SIZE,
+                 skip_bad_images: bool = False) -> Path:
     """Write ``<out_dir>/index.html`` (atomically) and the records as ``errors.jsonl`` (and ``.parquet``)."""
     out_dir = Path(out_dir)
-    page = render_html(report_data(records, image_root, title=title, thumb_size=thumb_size))
+    data = report_data(records, image_root, title=title, thumb_size=thumb_size, skip_bad_images=skip_bad_images)
+    if data["unreadableImages"]:
+        print(f"report: {data['unreadableImages']} image(s) missing or unreadable, their cards say so: "
+              + "; ".join(i["unreadable"] for i in data["images"] if i["unreadable"])[:500], file=sys.stderr)
+    page = render_html(data)
     errors.save_records(records, out_dir / "errors.jsonl")
     return write_text_atomic(out_dir / "index.html", page)
 
@@ -150,14 +172,18 @@ def write_report(records: Sequence[Mapping[str, Any]], image_root: str | os.Path
 def build_report(prediction_files: Mapping[str, str | os.PathLike[str]], captions_csv: str | os.PathLike[str],
                  annotations_csv: str | os.PathLike[str], image_root: str | os.PathLike[str],
                  out_dir: str | os.PathLike[str], split: str = "test", *, title: str = "",
-                 skip_bad_lines: bool = False, thumb_size: int = THUMB_SIZE) -> Path:
+                 skip_bad_lines: bool = False, thumb_size: int = THUMB_SIZE, skip_bad_images: bool = False) -> Path:
     """:func:`errors.build_records_from_files`, then :func:`write_report`; returns the path of ``index.html``."""
-    records = errors.build_records_from_files(prediction_files, captions_csv, annotations_csv, image_root, split,
-                                              skip_bad_lines=skip_bad_lines)
+    try:
+        records = errors.build_records_from_files(prediction_files, captions_csv, annotations_csv, image_root, split,
+                                                  skip_bad_lines=skip_bad_lines, require_images=not skip_bad_images)
+    except ImagePathError as err:
+        raise ImagePathError(f"{err}, or pass --skip_bad_images to show its cards without a picture") from err
     if not records:
         raise ValueError(f"no {split} image of {captions_csv} has a prediction in any of the files; "
                          "check --split and that the files caption that split")
-    return write_report(records, image_root, out_dir, title=title, thumb_size=thumb_size)
+    return write_report(records, image_root, out_dir, title=title, thumb_size=thumb_size,
+                        skip_bad_images=skip_bad_images)
 
 
 def chromium_path() -> str | None:
@@ -254,6 +280,8 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--thumb_size", type=int, default=THUMB_SIZE,
                         help=f"longest side of the inline thumbnails in pixels (default: {THUMB_SIZE})")
     parser.add_argument("--skip_bad_lines", action="store_true", help="count and skip malformed prediction lines")
+    parser.add_argument("--skip_bad_images", action="store_true",
+                        help="a missing or unreadable image: its cards say so instead of stopping the report")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -263,7 +291,8 @@ def run_cli(args: argparse.Namespace) -> int:
             if not path.is_file():
                 raise FileNotFoundError(f"predictions file of {label!r} not found: {path}")
         page = build_report(files, args.captions_csv, args.annotations_csv, args.image_root, args.out, args.split,
-                            title=args.title, skip_bad_lines=args.skip_bad_lines, thumb_size=args.thumb_size)
+                            title=args.title, skip_bad_lines=args.skip_bad_lines, thumb_size=args.thumb_size,
+                            skip_bad_images=args.skip_bad_images)
     except (ValueError, FileNotFoundError, ImagePathError, JsonlError) as err:
         print(f"bvip report: error: {err}", file=sys.stderr)
         return 2

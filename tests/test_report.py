@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -131,6 +132,28 @@ def test_cli_errors_are_one_line(tmp_path, sample_files, monkeypatch, capsys, ch
     assert err.startswith("bvip report: error: ") and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
     assert not (tmp_path / "out" / "index.html").exists()
+
+
+def test_an_unreadable_image_stops_the_report_or_its_cards_say_so(tmp_path, sample_files, monkeypatch, capsys):
+    import shutil
+
+    files, captions, annotations, root, images = sample_files
+    copy = Path(shutil.copytree(root, tmp_path / "root"))
+    (copy / images[1]).write_bytes(b"not a JPEG")  # a corrupt file
+    (copy / images[2]).unlink()  # a missing one
+    monkeypatch.chdir(tmp_path)
+    argv = ["report", "--predictions", str(files["A"]), "--captions_csv", str(captions), "--annotations_csv",
+            str(annotations), "--image_root", str(copy), "--out", "out"]
+    assert bvip_main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--skip_bad_images" in err and not (tmp_path / "out").exists()
+    assert bvip_main([*argv, "--skip_bad_images"]) == 0
+    assert "2 image(s) missing or unreadable" in capsys.readouterr().err
+    data = _page_data((tmp_path / "out" / "index.html").read_text())
+    by_path = {image["path"]: image for image in data["images"]}
+    assert data["unreadableImages"] == 2 and by_path[images[1]]["thumb"] is None and by_path[images[2]]["thumb"] is None
+    assert "corrupt" in by_path[images[1]]["unreadable"] and "not found" in by_path[images[2]]["unreadable"]
+    assert by_path[images[0]]["thumb"].startswith("data:image/jpeg;base64,")  # the others keep their pictures
 
 
 # --- notebook 06, headless --------------------------------------------------------------

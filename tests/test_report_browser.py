@@ -176,6 +176,26 @@ def test_the_report_in_chromium(browser, built, tmp_path):
     view.context.close()
 
 
+def test_a_card_without_its_picture_says_why(browser, sample_dir, tmp_path):
+    root = Path(shutil.copytree(sample_dir, tmp_path / "root"))
+    captions, annotations = root / "complete_captions_sensation.csv", root / "annotations_with_obj_pos.csv"
+    rows = load_ground_truth(captions, annotations).query("split == 'test'")
+    (root / rows["image_path"].iloc[0]).write_bytes(b"not a JPEG")
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps({"image": p, "text": r}) + "\n" for p, r in zip(rows["image_path"],
+                                                                                       rows["response"], strict=True)))
+    path = report.build_report({"SFT": preds}, captions, annotations, root, tmp_path / "out", skip_bad_images=True)
+    view = Page(browser, path)
+    view.open("#size=100")
+    missing = view.page.locator(".card .noimage")
+    assert missing.count() == 1 and missing.inner_text().startswith("No picture: image unreadable or corrupt")
+    assert view.page.locator(".card img").count() == len(rows) - 1  # no other picture stands in for it
+    view.open("#view=sbs&size=100")
+    assert view.page.locator("#sbs-table .noimage").count() == 1
+    view.check_clean()
+    view.context.close()
+
+
 def test_five_thousand_cards_stay_usable(browser, sample_dir, tmp_path, monkeypatch):
     """5,148 cards (1,716 images x 3 models): one page in the DOM, first cards within seconds, filters work."""
     monkeypatch.setattr(report, "thumbnail_uri", lambda *args, **kwargs: "data:image/gif;base64,R0lGODlhAQABAAAAACw=")

@@ -221,8 +221,13 @@
       el("div", { class: "far" }, ...t.far), el("div", { class: "ground" }, ...t.ground), el("div", { class: "close" }, ...t.close))));
   }
 
+  function picture(image, attributes) {  // a missing or unreadable image says so: never another picture instead
+    if (!image.thumb) return el("div", { class: "noimage", role: "img", text: "No picture: " + image.unreadable });
+    return el("img", Object.assign({ src: image.thumb, alt: "Ground truth: " + image.truth.caption }, attributes));
+  }
+
   function scene(image) {
-    const img = el("img", { src: image.thumb, alt: "Ground truth: " + image.truth.caption, decoding: "async" });
+    const img = picture(image, { decoding: "async" });
     return el("figure", { class: "scene" }, el("div", { class: "frame" }, img, overlay(image.truth)),
       el("figcaption", { text: "Truth drawn over the image: thirds, close objects (solid) and far ones (dashed)." }));
   }
@@ -367,7 +372,7 @@
     const body = el("tbody");
     for (const row of rows.slice(start, end)) {
       const tr = el("tr", { tabindex: "0", "data-image": row.image.name },
-        el("td", { class: "image" }, el("img", { src: row.image.thumb, alt: "Ground truth: " + row.image.truth.caption, loading: "lazy" }),
+        el("td", { class: "image" }, picture(row.image, { loading: "lazy" }),
           el("div", { text: row.image.name }), el("div", { class: "truth", text: truthLine(row.image.truth) }),
           row.image.disagree ? el("div", { text: "models disagree" }) : null,
           ...row.image.suspect.map((reason) => el("div", { class: "suspect", text: "Possible label error: " + reason }))));
