@@ -477,17 +477,16 @@ def load_model_and_processor(spec: ModelSpec | str, *, adapter: str | os.PathLik
     try:
         model = model_cls.from_pretrained(source, **kwargs)
         processor = load_processor(source, spec.image_budget, trust_remote_code=trust_remote_code)
-        if spec.family == "blip":
-            _sync_decoder_bos(model, processor)
-        if adapter is not None:
-            model = _load_adapter(model, Path(adapter), trainable=trainable_adapter)
     except OSError as err:  # transformers reports a missing hub connection or file as a (multi-line) OSError
         from bvip_helpers.io import os_error_line
 
-        where = f" with the adapter {adapter}" if adapter is not None else ""
-        raise ModelLoadError(f"cannot load {spec.name} from {source}{where}: {os_error_line(err)}. Without the model "
+        raise ModelLoadError(f"cannot load {spec.name} from {source}: {os_error_line(err)}. Without the model "
                              "hub, download it first (or set HF_HOME to a cache that has it), or pass a local "
                              "model folder") from err
+    if spec.family == "blip":
+        _sync_decoder_bos(model, processor)
+    if adapter is not None:  # its own errors name the adapter folder and what is wrong with it
+        model = _load_adapter(model, Path(adapter), trainable=trainable_adapter)
     return model, processor
 
 
