@@ -10,7 +10,8 @@ A summary per source and error type goes beside the pairs (``<out>.summary.json`
    the two sides are (:func:`pair_statistics`).
 2. **Controlled single-error negatives** (:func:`controlled_pairs`, after POVID and HA-DPO): the rejected caption is
    the chosen one with exactly one safety error of a named type (:data:`ERROR_TYPES`), written by the same
-   composer, so style and length stay the same otherwise.
+   composer, so style and length stay the same otherwise. The annotations give a side, never a distance, so
+   "the nearest close object dropped" drops one close object, a critical one (person, car, bicycle) first.
 3. **Model-ranked pairs** (:func:`ranked_pairs`, after RLAIF-V and the weak-to-strong DPO pipeline): the policy
    samples N captions per image, a judge scores each, and the best and the worst become a pair when their scores
    are far enough apart. The default judge is the BVIP evaluator against the annotations: the severity of

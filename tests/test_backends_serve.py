@@ -157,7 +157,7 @@ def test_wrong_model_url_or_dialect_is_one_clear_error(server, test_jsonl, tmp_p
     with pytest.raises(BackendError, match=r"HTTP 404.*--base_url"):
         OpenAIBackend(server.model, base_url=server.base_url.removesuffix("/v1"), **FAST).caption(
             image, ["p"], max_new_tokens=4)
-    # transformers serve answers 422 to vLLM's field: refused, so it is never sent again in this run.
+    # transformers serve answers 422 to vLLM's field: the first request stops the run with advice, nothing more is sent.
     done = _cli("--backend", "openai", "--model", server.model, "--base_url", server.base_url, "--structured",
                 "vllm-regex", "--jsonl", str(test_jsonl), "--image_root", str(SAMPLE), "--out", str(tmp_path / "p.jsonl"))
     assert done.returncode == 2 and "HTTP 422" in done.stderr and "--structured none" in done.stderr
