@@ -150,6 +150,8 @@ class SFTResult:
     merge_check: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None
     loss_curve: str | None = None
+    processes: int = 1  # training processes (accelerate launch / torchrun)
+    distributed: str = "NO"  # accelerate's distributed type: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
 
 
 # --- Data -------------------------------------------------------------------
@@ -764,8 +766,10 @@ def train_sft(params: SFTParams, callbacks: list[Any] | None = None) -> SFTResul
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if main:
         total = sum(p.numel() for p in model.parameters())
+        accelerator = trainer.accelerator
         print(f"sft: {params.method} via {kind}, {trainable:,} of {total:,} parameters trainable "
-              f"({100 * trainable / max(total, 1):.2f}%)")
+              f"({100 * trainable / max(total, 1):.2f}%), {accelerator.num_processes} process(es), "
+              f"{accelerator.distributed_type.value}")
 
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
@@ -775,7 +779,8 @@ def train_sft(params: SFTParams, callbacks: list[Any] | None = None) -> SFTResul
         output_dir=str(output_dir), method=params.method, trainer=kind, global_step=trainer.state.global_step,
         train_seconds=train_seconds, samples_per_second=float(output.metrics.get("train_samples_per_second", 0.0)),
         losses=[(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e],
-        token_budget=budget, trainable_parameters=trainable,
+        token_budget=budget, trainable_parameters=trainable, processes=trainer.accelerator.num_processes,
+        distributed=trainer.accelerator.distributed_type.value,
     )
     trainer.save_model(str(output_dir))  # adapter only for LoRA, the full model otherwise
     if not main:

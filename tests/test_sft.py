@@ -190,20 +190,23 @@ def test_full_finetune_keeps_the_vision_tower_frozen_unless_asked(sample_data, t
 
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(sample_data, twin_root, tmp_path):
+    """Two real DDP processes on the CPU (gloo). ``accelerate launch --cpu --num_processes 2`` would start ONE
+    process (multi-CPU needs mpirun there); ``--multi_gpu`` starts two through torch.distributed.run, and
+    ``--device cpu`` makes the Trainer join them over gloo, with or without a GPU."""
     if shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists():
         pytest.skip("accelerate CLI not installed")
     launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     model = twin("qwen2-vl", twin_root, sample_data)
     out = tmp_path / "ddp"
-    cmd = [launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "bvip_helpers", "sft", "--model", str(model),
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "bvip_helpers", "sft", "--model", str(model), "--device", "cpu",
            "--data_dir", str(sample_data), "--image_root", str(SAMPLE), "--output_dir", str(out),
            "--max_steps", "2", "--batch_size", "1", "--eval", "false", "--merge", "false", "--logging_steps", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BVIP_ROOT": str(REPO)}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((out / "sft_result.json").read_text())
-    assert state["global_step"] == 2
+    assert state["global_step"] == 2 and state["processes"] == 2 and state["distributed"] == "MULTI_CPU"
     assert (out / "adapter_model.safetensors").is_file()
 
 
