@@ -186,3 +186,23 @@ def test_dpo_cli_refuses_a_missing_adapter_and_a_bad_pairs_file(tmp_path):
                                  "--output_dir", str(tmp_path / "out")],
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_notebook_04_smoke_runs_alone(tmp_path, monkeypatch):
+    """Without notebook 03's smoke adapter (a fresh root), the smoke run trains a 2-step stand-in and goes on."""
+    papermill = pytest.importorskip("papermill")
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("data", "models"):
+        (root / name).symlink_to(REPO / name, target_is_directory=True)
+    for name, value in {"BVIP_SMOKE": "1", "BVIP_ROOT": str(root), "BVIP_FIGURES_DIR": str(tmp_path / "figures")}.items():
+        monkeypatch.setenv(name, value)
+    notebook = REPO / "notebooks" / "04_dpo.ipynb"
+    papermill.execute_notebook(str(notebook), str(tmp_path / "04.ipynb"), cwd=str(notebook.parent),
+                               kernel_name="python3", progress_bar=False)
+    out = root / "runs" / "smoke" / "tiny-qwen2-vl-base"
+    assert (out / "sft" / "adapter_model.safetensors").is_file()
+    report = json.loads((out / "dpo" / "preference_report.json").read_text())
+    assert report["held_out"]["dpo"]["all"]["pairs"] > 0 and "seed" in report["held_out"]["dpo"]
+    assert (out / "dpo" / "before_after_test.json").is_file()
