@@ -177,7 +177,8 @@ def append_jsonl(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]
 def os_error_line(err: OSError) -> str:
     """An ``OSError`` as one line: the path it names and the reason (never a multi-line hub message)."""
     lines = (err.strerror or str(err) or type(err).__name__).strip().splitlines() or [type(err).__name__]
-    return f"{err.filename}: {lines[0]}" if err.filename else lines[0]
+    first = lines[0].rstrip(".")  # callers go on after it with their own sentence
+    return f"{err.filename}: {first}" if err.filename else first
 
 
 def concerns(err: OSError, output: str | os.PathLike[str] | None) -> bool:
