@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -329,7 +330,7 @@ def run_cli(args: argparse.Namespace) -> int:
                            runs_dir=args.runs_dir, notebooks_dir=args.notebooks_dir, smoke=args.smoke,
                            force=args.force, kernel_name=args.kernel, cell_timeout=args.cell_timeout)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}")
+        print(f"bvip batch: error: {err}", file=sys.stderr)
         return 2
     print(report.summary())
     return 1 if report.failed else 0

@@ -338,7 +338,7 @@ def run_cli(args: argparse.Namespace) -> int:
         report = export(args.format, args.sft_dir, args.image_root, args.out, splits=splits,
                         skip_missing=args.skip_missing, **options)
     except (FileNotFoundError, ImagePathError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"bvip export: error: {err}", file=sys.stderr)
         return 2
     print(report.summary())
     return 0
