@@ -43,6 +43,19 @@ def sample_dir() -> Path:
     return REPO / "data" / "sample"
 
 
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory, sample_dir) -> Path:
+    """data/sample built into the SFT, chat and DPO JSONL once per session: read it, never write into it."""
+    if not (sample_dir / "complete_captions_sensation.csv").is_file():
+        pytest.skip("data/sample not found")
+    from bvip_helpers.dataset import build_dataset
+
+    out = tmp_path_factory.mktemp("bvpi_sample")
+    build_dataset(sample_dir / "complete_captions_sensation.csv", sample_dir / "annotations_with_obj_pos.csv", out,
+                  image_root=sample_dir, show_progress=False)
+    return out
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Remove the figures the smoke runs wrote (only the folder this session made)."""
     if _TEST_FIGURES:

@@ -34,16 +34,6 @@ MODEL = "tiny-qwen2-vl-base"
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """data/sample built into the SFT/chat JSONL files."""
-    from bvip_helpers.dataset import build_dataset
-
-    out = tmp_path_factory.mktemp("bvpi_out")
-    build_dataset(CAPTIONS, ANNOTATIONS, out, image_root=SAMPLE, show_progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def truth() -> pd.DataFrame:
     from bvip_helpers.dataset import load_ground_truth
 
@@ -51,19 +41,19 @@ def truth() -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def finished_sft_run(data_dir, tmp_path_factory) -> Path:
+def finished_sft_run(sample_data, tmp_path_factory) -> Path:
     """A real two-step run with a checkpoint after each step (copied by the cases that change it)."""
     out = tmp_path_factory.mktemp("sft_run") / "run"
-    assert cli.main(["sft", *_sft_args(data_dir, out), "--max_steps", "2", "--save_steps", "1"]) == 0
+    assert cli.main(["sft", *_sft_args(sample_data, out), "--max_steps", "2", "--save_steps", "1"]) == 0
     return out
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch, data_dir, truth, request) -> SimpleNamespace:
+def env(tmp_path, monkeypatch, sample_data, truth, request) -> SimpleNamespace:
     def finished_sft(dest: Path) -> Path:
         return Path(shutil.copytree(request.getfixturevalue("finished_sft_run"), dest))
 
-    return SimpleNamespace(tmp=tmp_path, monkeypatch=monkeypatch, data=data_dir, truth=truth,
+    return SimpleNamespace(tmp=tmp_path, monkeypatch=monkeypatch, data=sample_data, truth=truth,
                            finished_sft=finished_sft, cleanup=request.addfinalizer)
 
 

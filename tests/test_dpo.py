@@ -23,14 +23,9 @@ BASE = "tiny-qwen2-vl-base"
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
+def sft_run(tmp_path_factory, sample_data):
     """A short SFT run on the committed base, the output layer trained in full beside LoRA (as in the demo)."""
-    from bvip_helpers.dataset import build_dataset
-
-    root = tmp_path_factory.mktemp("dpo")
-    data = root / "data"
-    build_dataset(SAMPLE / "complete_captions_sensation.csv", SAMPLE / "annotations_with_obj_pos.csv", data,
-                  image_root=SAMPLE, show_progress=False)
+    root, data = tmp_path_factory.mktemp("dpo"), sample_data
     adapter = root / "sft"
     sft.train_sft(sft.SFTParams(model=BASE, data_dir=str(data), image_root=str(SAMPLE), output_dir=str(adapter),
                                 max_steps=3, batch_size=4, lr=4e-3, lora_r=8, lora_alpha=8, eval=False, merge=False,

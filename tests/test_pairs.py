@@ -17,13 +17,8 @@ SIDES = {"left", "center", "right"}
 
 
 @pytest.fixture(scope="module")
-def records(sample_dir, tmp_path_factory):
-    from bvip_helpers.dataset import build_dataset
-
-    out = tmp_path_factory.mktemp("pairs_data")
-    build_dataset(sample_dir / "complete_captions_sensation.csv", sample_dir / "annotations_with_obj_pos.csv", out,
-                  image_root=sample_dir, show_progress=False)
-    return read_jsonl(out / "bvpi_chat_train.jsonl"), out
+def records(sample_data):
+    return read_jsonl(sample_data / "bvpi_chat_train.jsonl"), sample_data
 
 
 def _difference(chosen: str, rejected: str) -> dict:

@@ -34,16 +34,6 @@ KILLS = 3
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    from bvip_helpers.dataset import build_dataset
-
-    out = tmp_path_factory.mktemp("bvpi_out")
-    build_dataset(SAMPLE / "complete_captions_sensation.csv", SAMPLE / "annotations_with_obj_pos.csv", out,
-                  image_root=SAMPLE, show_progress=False)
-    return out
-
-
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     """``bvip ARGS`` as its own process group, output to a file (a full pipe would stall it)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -71,9 +61,9 @@ def _complete_lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def test_predict_killed_three_times_ends_like_an_uninterrupted_run(data_dir, tmp_path):
+def test_predict_killed_three_times_ends_like_an_uninterrupted_run(sample_data, tmp_path):
     records = tmp_path / "records.jsonl"  # all 60 scenes of the sample
-    write_jsonl(records, [r for split in ("train", "val", "test") for r in read_jsonl(data_dir / f"bvpi_sft_{split}.jsonl")])
+    write_jsonl(records, [r for split in ("train", "val", "test") for r in read_jsonl(sample_data / f"bvpi_sft_{split}.jsonl")])
     common = ["--model", MODEL, "--jsonl", str(records), "--image_root", str(SAMPLE), "--batch_size", "2",
               "--max_new_tokens", "48", "--no_progress"]
     straight = tmp_path / "straight.jsonl"
@@ -128,8 +118,8 @@ def _assert_same_run(straight: Path, killed: Path, command: str, steps: int) -> 
     assert [v for _, v in losses[1]] == pytest.approx([v for _, v in losses[0]], rel=1e-5)
 
 
-def test_sft_killed_three_times_ends_with_the_same_adapter_and_losses(data_dir, tmp_path):
-    common = ["--model", MODEL, "--data_dir", str(data_dir), "--image_root", str(SAMPLE), "--batch_size", "2",
+def test_sft_killed_three_times_ends_with_the_same_adapter_and_losses(sample_data, tmp_path):
+    common = ["--model", MODEL, "--data_dir", str(sample_data), "--image_root", str(SAMPLE), "--batch_size", "2",
               "--max_steps", "20", "--save_steps", "2", "--logging_steps", "1", "--lora_dropout", "0.1",
               "--eval", "false", "--merge", "false", "--seed", "0"]
     straight = tmp_path / "straight"
@@ -139,14 +129,14 @@ def test_sft_killed_three_times_ends_with_the_same_adapter_and_losses(data_dir, 
     _assert_same_run(straight, tmp_path / "killed", "sft", steps=20)
 
 
-def test_dpo_killed_three_times_ends_with_the_same_adapter_and_losses(data_dir, tmp_path):
+def test_dpo_killed_three_times_ends_with_the_same_adapter_and_losses(sample_data, tmp_path):
     from bvip_helpers import pairs, sft
 
     adapter = tmp_path / "sft"  # a short SFT run, the output layer trained in full as in the demo
-    sft.train_sft(sft.SFTParams(model=MODEL, data_dir=str(data_dir), image_root=str(SAMPLE), output_dir=str(adapter),
+    sft.train_sft(sft.SFTParams(model=MODEL, data_dir=str(sample_data), image_root=str(SAMPLE), output_dir=str(adapter),
                                 max_steps=3, batch_size=4, lr=4e-3, lora_r=8, lora_alpha=8, eval=False, merge=False,
                                 lora_modules_to_save="lm_head", logging_steps=1))
-    made, _ = pairs.controlled_pairs(read_jsonl(data_dir / "bvpi_chat_train.jsonl"), seed=0)
+    made, _ = pairs.controlled_pairs(read_jsonl(sample_data / "bvpi_chat_train.jsonl"), seed=0)
     pairs.write_pairs(tmp_path / "pairs.jsonl", made)
     common = ["--model", MODEL, "--adapter", str(adapter), "--train_pairs", str(tmp_path / "pairs.jsonl"),
               "--image_root", str(SAMPLE), "--batch_size", "2", "--max_steps", "16", "--save_steps", "2",

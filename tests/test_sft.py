@@ -28,19 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 
 
-@pytest.fixture(scope="session")
-def sample_data(tmp_path_factory) -> Path:
-    """data/sample built into chat JSONL (the committed 60-scene sample)."""
-    if not (SAMPLE / "complete_captions_sensation.csv").is_file():
-        pytest.skip("data/sample not found")
-    from bvip_helpers.dataset import build_dataset
-
-    out = tmp_path_factory.mktemp("bvpi_sample")
-    build_dataset(SAMPLE / "complete_captions_sensation.csv", SAMPLE / "annotations_with_obj_pos.csv", out,
-                  image_root=SAMPLE, show_progress=False)
-    return out
-
-
 _TWINS: dict[str, Path] = {}
 
 

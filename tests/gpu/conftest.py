@@ -63,17 +63,6 @@ def figures() -> dict[str, object]:
 
 
 @pytest.fixture(scope="session")
-def sample_data(tmp_path_factory) -> Path:
-    """data/sample built into chat/SFT JSONL (the committed 60-scene sample)."""
-    from bvip_helpers.dataset import build_dataset
-
-    out = tmp_path_factory.mktemp("gpu_bvpi_sample")
-    build_dataset(SAMPLE / "complete_captions_sensation.csv", SAMPLE / "annotations_with_obj_pos.csv", out,
-                  image_root=SAMPLE, show_progress=False)
-    return out
-
-
-@pytest.fixture(scope="session")
 def qwen_twin(tmp_path_factory, sample_data) -> Path:
     from bvip_helpers.demo.twins import build_tiny_model
 
